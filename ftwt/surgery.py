@@ -1,0 +1,291 @@
+"""Model surgery: find the gateable units of any CNN, attach gates, take them off again.
+
+Units are found on the model's ``torch.fx`` graph: every ``nn.Conv2d`` whose output goes
+to a BatchNorm (or straight on), optionally followed by an activation. Gates live in one
+submodule, ``model.ftwt_gates``, and act through forward hooks, so the model's own
+modules, names and state_dict keys stay as they were: a dense checkpoint loads into a
+gated model, and :func:`detach_gates` gives back the original model exactly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from fnmatch import fnmatch
+
+import torch
+import torch.fx
+import torch.nn.functional as F
+from torch import nn
+
+from ftwt.errors import ConfigError, UnsupportedLayerError
+from ftwt.gate import MASK_SOURCES, GateConfig, GatedUnit, UnitSpec
+
+GATES_ATTR = "ftwt_gates"
+
+_NORMS = (nn.BatchNorm2d, nn.SyncBatchNorm)
+_ACT_MODULES = {nn.ReLU: "relu", nn.ReLU6: "relu6", nn.Hardswish: "hardswish", nn.SiLU: "silu", nn.GELU: "gelu"}
+_ACT_FUNCTIONS = {
+    F.relu: "relu",
+    torch.relu: "relu",
+    F.relu6: "relu6",
+    F.hardswish: "hardswish",
+    F.silu: "silu",
+    F.gelu: "gelu",
+}
+_ACT_METHODS = {"relu": "relu", "relu_": "relu"}
+
+
+def _trace(model: nn.Module) -> torch.fx.GraphModule:
+    try:
+        return torch.fx.symbolic_trace(model)
+    except Exception as exc:  # fx raises many types for untraceable Python
+        raise UnsupportedLayerError(
+            f"could not trace {type(model).__name__} with torch.fx ({type(exc).__name__}: {exc}); "
+            "pass the units explicitly: attach_gates(model, units=[UnitSpec(conv=..., norm=..., act=...)])"
+        ) from exc
+
+
+def _activation(node: torch.fx.Node, modules: dict[str, nn.Module]) -> str | None:
+    if node.op == "call_module":
+        return _ACT_MODULES.get(type(modules[node.target]))
+    if node.op == "call_function":
+        return _ACT_FUNCTIONS.get(node.target)
+    if node.op == "call_method":
+        return _ACT_METHODS.get(node.target)
+    return None
+
+
+def _selected(name: str, include: Sequence[str] | None, exclude: Sequence[str]) -> bool:
+    if include is not None and not any(fnmatch(name, p) for p in include):
+        return False
+    return not any(fnmatch(name, p) for p in exclude)
+
+
+def find_units(
+    model: nn.Module, include: Sequence[str] | None = None, exclude: Sequence[str] = ()
+) -> list[UnitSpec]:
+    """Find the gateable units of ``model`` in forward order.
+
+    A unit is ``Conv2d [-> BatchNorm2d] [-> activation]``; whatever follows (a residual
+    add, a concatenation, pooling) is left alone, the mask acts before it. Grouped and
+    depthwise convolutions are units like any other.
+
+    Args:
+        model: any ``nn.Module`` that ``torch.fx.symbolic_trace`` can trace.
+        include: glob patterns of convolution names to gate (default: all).
+        exclude: glob patterns of convolution names not to gate.
+
+    Returns:
+        One :class:`UnitSpec` per gated convolution.
+
+    Raises:
+        UnsupportedLayerError: a selected layer cannot be gated; the message names it.
+    """
+    gm = _trace(model)
+    modules = dict(gm.named_modules())
+    calls = Counter(n.target for n in gm.graph.nodes if n.op == "call_module")
+    units: list[UnitSpec] = []
+    for node in gm.graph.nodes:
+        if node.op != "call_module":
+            continue
+        name = node.target
+        module = modules[name]
+        if not isinstance(module, nn.modules.conv._ConvNd) or not _selected(name, include, exclude):
+            continue
+        if type(module) is not nn.Conv2d:
+            raise UnsupportedLayerError(
+                f"{name}: {type(module).__name__} cannot be gated (only nn.Conv2d); exclude it with exclude=[{name!r}]"
+            )
+        if calls[name] > 1:
+            raise UnsupportedLayerError(
+                f"{name}: the same Conv2d is called {calls[name]} times per forward, so one gate cannot serve it; "
+                f"exclude it with exclude=[{name!r}]"
+            )
+        users = list(node.users)
+        norm_users = [u for u in users if u.op == "call_module" and isinstance(modules[u.target], _NORMS)]
+        tail, norm = node, None
+        if norm_users:
+            if len(users) > 1 or calls[norm_users[0].target] > 1:
+                raise UnsupportedLayerError(
+                    f"{name}: its output feeds {norm_users[0].target} and other layers (or that norm is shared), "
+                    f"so no mask can zero it after the norm; exclude it with exclude=[{name!r}]"
+                )
+            tail, norm = norm_users[0], norm_users[0].target
+        after = list(tail.users)
+        act = _activation(after[0], modules) if len(after) == 1 else None
+        units.append(UnitSpec(conv=name, norm=norm, act=act))
+    return units
+
+
+def _key(name: str) -> str:
+    return name.replace(".", "__")
+
+
+def attach_gates(
+    model: nn.Module,
+    config: GateConfig | None = None,
+    *,
+    include: Sequence[str] | None = None,
+    exclude: Sequence[str] = (),
+    units: Sequence[UnitSpec] | None = None,
+) -> nn.Module:
+    """Give every gateable convolution of ``model`` an FTWT gate, in place.
+
+    Args:
+        model: the network; its modules and parameters are left untouched.
+        config: gate settings (default :class:`GateConfig`).
+        include: glob patterns of convolution names to gate (default: all).
+        exclude: glob patterns of convolution names to leave dense.
+        units: explicit units, for models ``torch.fx`` cannot trace.
+
+    Returns:
+        ``model`` itself, now with a ``ftwt_gates`` submodule.
+
+    Example:
+        >>> import torchvision
+        >>> model = attach_gates(torchvision.models.resnet18(), GateConfig(threshold=0.9))
+        >>> len(gated_units(model))
+        20
+    """
+    if hasattr(model, GATES_ATTR):
+        raise ConfigError("model already has gates; call detach_gates(model) first")
+    config = config or GateConfig()
+    specs = list(units) if units is not None else find_units(model, include, exclude)
+    if not specs:
+        raise UnsupportedLayerError(f"{type(model).__name__}: no Conv2d to gate (include={include}, exclude={exclude})")
+    named = dict(model.named_modules())
+    gates = nn.ModuleDict()
+    for spec in specs:
+        for part in (spec.conv, spec.norm):
+            if part is not None and part not in named:
+                raise UnsupportedLayerError(f"{part}: no such module in {type(model).__name__}")
+        conv = named[spec.conv]
+        if not isinstance(conv, nn.Conv2d):
+            raise UnsupportedLayerError(f"{spec.conv}: {type(conv).__name__} is not an nn.Conv2d")
+        unit = GatedUnit(spec, conv, config).to(device=conv.weight.device, dtype=conv.weight.dtype)
+        unit._handles = [
+            conv.register_forward_pre_hook(unit._on_input),
+            named[spec.tail].register_forward_hook(unit._on_output),
+        ]
+        gates[_key(spec.conv)] = unit
+    gates.ftwt_config = config.to_dict()
+    setattr(model, GATES_ATTR, gates)
+    gates.train(model.training)
+    return model
+
+
+def detach_gates(model: nn.Module) -> nn.Module:
+    """Remove the gates and their hooks; the model computes exactly what it did before."""
+    gates = getattr(model, GATES_ATTR, None)
+    if gates is None:
+        raise ConfigError("model has no gates to detach")
+    for unit in gates.values():
+        for handle in unit._handles:
+            handle.remove()
+        unit._handles = []
+    delattr(model, GATES_ATTR)
+    return model
+
+
+def is_gated(model: nn.Module) -> bool:
+    return hasattr(model, GATES_ATTR)
+
+
+def gated_units(model: nn.Module) -> list[GatedUnit]:
+    """The model's gated units, in forward order."""
+    gates = getattr(model, GATES_ATTR, None)
+    if gates is None:
+        raise ConfigError("model has no gates; call attach_gates(model) first")
+    return list(gates.values())
+
+
+def gate_config(model: nn.Module) -> GateConfig:
+    """The :class:`GateConfig` the gates were attached with (thresholds as set now)."""
+    units = gated_units(model)
+    data = dict(getattr(model, GATES_ATTR).ftwt_config)
+    data.update(threshold=units[0].threshold, decision=units[0].decision)
+    return GateConfig.from_dict(data)
+
+
+def set_threshold(model: nn.Module, threshold: float, criterion: str | None = None) -> None:
+    """Change the ground-truth threshold (and criterion) of every unit."""
+    units = gated_units(model)
+    GateConfig(criterion=criterion or units[0].criterion, threshold=threshold)  # validates
+    for unit in units:
+        unit.threshold = threshold
+        if criterion is not None:
+            unit.criterion = criterion
+
+
+def set_decision(model: nn.Module, decision: float | Sequence[float]) -> None:
+    """Set the sigmoid probability above which a filter is computed (one value or one per unit)."""
+    units = gated_units(model)
+    values = [decision] * len(units) if isinstance(decision, (int, float)) else list(decision)
+    if len(values) != len(units):
+        raise ConfigError(f"got {len(values)} decision thresholds for {len(units)} units")
+    for unit, value in zip(units, values):
+        GateConfig(decision=value)  # validates
+        unit.decision = float(value)
+
+
+@contextlib.contextmanager
+def mask_source(model: nn.Module, source: str, labels: str | None = None) -> Iterator[None]:
+    """Temporarily choose which mask the units apply.
+
+    Args:
+        model: a gated model.
+        source: ``"gate"`` (predicted, the default), ``"ground_truth"`` (perfect gates) or
+            ``"none"`` (dense).
+        labels: optionally also set when labels are computed: ``"train"``, ``"always"``,
+            ``"never"``.
+    """
+    if source not in MASK_SOURCES:
+        raise ConfigError(f"unknown mask source {source!r}; choose from {list(MASK_SOURCES)}")
+    units = gated_units(model)
+    saved = [(u.mask_source, u.label_mode) for u in units]
+    try:
+        for unit in units:
+            unit.mask_source = source
+            if labels is not None:
+                unit.label_mode = labels
+        yield
+    finally:
+        for unit, (src, lab) in zip(units, saved):
+            unit.mask_source, unit.label_mode = src, lab
+
+
+def set_label_mode(model: nn.Module, mode: str) -> None:
+    """When the units compute ground truth: ``"train"``, ``"always"`` or ``"never"``."""
+    if mode not in ("train", "always", "never"):
+        raise ConfigError(f"unknown label mode {mode!r}; choose from ['train', 'always', 'never']")
+    for unit in gated_units(model):
+        unit.label_mode = mode
+
+
+def gate_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """Parameters of the gates (for their own optimizer)."""
+    return list(getattr(model, GATES_ATTR).parameters())
+
+
+def backbone_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """Parameters of the model without its gates."""
+    gate_ids = {id(p) for p in gate_parameters(model)}
+    return [p for p in model.parameters() if id(p) not in gate_ids]
+
+
+__all__ = [
+    "attach_gates",
+    "backbone_parameters",
+    "detach_gates",
+    "find_units",
+    "gate_config",
+    "gate_parameters",
+    "gated_units",
+    "is_gated",
+    "mask_source",
+    "set_decision",
+    "set_label_mode",
+    "set_threshold",
+]
