@@ -2,4 +2,91 @@
 
 Implements "Fire Together Wire Together: A Dynamic Pruning Approach with Self-Supervised
 Mask Prediction" (Elkerdawy et al., CVPR 2022, arXiv 2110.08232) for any CNN.
+
+Example:
+    >>> import torch, torch.nn.functional as F, ftwt
+    >>> model = ftwt.attach_gates(ftwt.models.resnet56(), ftwt.GateConfig(threshold=0.9))
+    >>> out = model(torch.randn(8, 3, 32, 32))
+    >>> loss = F.cross_entropy(out, torch.zeros(8, dtype=torch.long)) + ftwt.mask_loss(model)
 """
+
+from importlib.metadata import PackageNotFoundError, version
+
+from ftwt import models
+from ftwt.criteria import filter_scores, ground_truth, mass_mask, uniform_mask
+from ftwt.errors import (
+    CheckpointError,
+    ConfigError,
+    DataError,
+    DeviceError,
+    FTWTError,
+    ModelNotFoundError,
+    UnsupportedLayerError,
+)
+from ftwt.estimate import Estimate, estimate, find_threshold
+from ftwt.flops import FlopsMeter, FlopsReport, LayerFlops, conv_macs, linear_macs, measure
+from ftwt.gate import Gate, GateConfig, GatedUnit, UnitSpec
+from ftwt.loss import mask_loss
+from ftwt.models import get_model, list_models
+from ftwt.surgery import (
+    attach_gates,
+    backbone_parameters,
+    detach_gates,
+    find_units,
+    gate_config,
+    gate_parameters,
+    gated_units,
+    is_gated,
+    mask_source,
+    set_decision,
+    set_label_mode,
+    set_threshold,
+)
+
+try:
+    __version__ = version("ftwt")
+except PackageNotFoundError:  # running from a source tree without installing
+    __version__ = "0+unknown"
+
+__all__ = [
+    "CheckpointError",
+    "ConfigError",
+    "DataError",
+    "DeviceError",
+    "Estimate",
+    "FTWTError",
+    "FlopsMeter",
+    "FlopsReport",
+    "Gate",
+    "GateConfig",
+    "GatedUnit",
+    "LayerFlops",
+    "ModelNotFoundError",
+    "UnitSpec",
+    "UnsupportedLayerError",
+    "__version__",
+    "attach_gates",
+    "backbone_parameters",
+    "conv_macs",
+    "detach_gates",
+    "estimate",
+    "filter_scores",
+    "find_threshold",
+    "find_units",
+    "gate_config",
+    "gate_parameters",
+    "gated_units",
+    "get_model",
+    "ground_truth",
+    "is_gated",
+    "linear_macs",
+    "mask_loss",
+    "mask_source",
+    "mass_mask",
+    "measure",
+    "models",
+    "set_decision",
+    "set_label_mode",
+    "set_threshold",
+    "uniform_mask",
+]

@@ -54,8 +54,10 @@ def _check_plain(obj: object, where: str = "checkpoint") -> None:
         for i, value in enumerate(obj):
             _check_plain(value, f"{where}[{i}]")
     else:
-        raise CheckpointError(f"cannot save {where}: {kind.__module__}.{kind.__qualname__} is not "
-                              "allowed; store only tensors and plain Python data")
+        raise CheckpointError(
+            f"cannot save {where}: {kind.__module__}.{kind.__qualname__} is not "
+            "allowed; store only tensors and plain Python data"
+        )
 
 
 def _holds_objects(path: Path) -> bool:
@@ -150,11 +152,12 @@ def load_checkpoint(path: PathLike, map_location: str | torch.device = "cpu") ->
             obj = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
         if "Unsupported global" in str(e) or _holds_objects(path):
-            raise CheckpointError(f"refused to load {path}: it contains objects other than tensors "
-                                  "and plain data, which could run code") from e
+            raise CheckpointError(
+                f"refused to load {path}: it contains objects other than tensors and plain data, which could run code"
+            ) from e
         raise CheckpointError(f"checkpoint {path} is corrupt: not a readable torch.save file") from e
     except Exception as e:  # a damaged file can fail in the zip reader, unpickler or storage
-        detail = str(e).split(". ")[0].splitlines()[0] if str(e) else ""
+        detail = (str(e).split(". ")[0].splitlines() or [""])[0]  # first sentence only
         raise CheckpointError(f"checkpoint {path} is corrupt: {type(e).__name__}: {detail}") from e
     if not isinstance(obj, dict):
         raise CheckpointError(f"checkpoint {path} holds a {type(obj).__name__}, expected a dict")
@@ -189,8 +192,9 @@ def _some(keys: list[str], n: int = 3) -> str:
     return ", ".join(keys[:n]) + (", ..." if len(keys) > n else "")
 
 
-def load_state_dict_into(model: nn.Module, state_dict: Mapping, strict: bool = True,
-                         ignore_prefixes: Iterable[str] = ()) -> tuple[list[str], list[str]]:
+def load_state_dict_into(
+    model: nn.Module, state_dict: Mapping, strict: bool = True, ignore_prefixes: Iterable[str] = ()
+) -> tuple[list[str], list[str]]:
     """Load weights from a checkpoint dict into ``model``.
 
     Accepts a raw state dict or a dict holding one under ``state_dict``, ``model`` or ``net``,
@@ -219,15 +223,20 @@ def load_state_dict_into(model: nn.Module, state_dict: Mapping, strict: bool = T
     mismatched = [
         f"{k} (checkpoint {tuple(v.shape)} vs model {tuple(model_sd[k].shape)})"
         for k, v in sd.items()
-        if k in model_sd and isinstance(v, torch.Tensor) and isinstance(model_sd[k], torch.Tensor)
+        if k in model_sd
+        and isinstance(v, torch.Tensor)
+        and isinstance(model_sd[k], torch.Tensor)
         and v.shape != model_sd[k].shape
     ]
     if mismatched:
-        raise CheckpointError(f"checkpoint does not fit the model: {len(mismatched)} shape "
-                              f"mismatch(es): {_some(mismatched, 2)}")
+        raise CheckpointError(
+            f"checkpoint does not fit the model: {len(mismatched)} shape mismatch(es): {_some(mismatched, 2)}"
+        )
     if strict and (missing or unexpected):
-        parts = [f"{len(missing)} missing key(s): {_some(missing)}" if missing else "",
-                 f"{len(unexpected)} unexpected key(s): {_some(unexpected)}" if unexpected else ""]
+        parts = [
+            f"{len(missing)} missing key(s): {_some(missing)}" if missing else "",
+            f"{len(unexpected)} unexpected key(s): {_some(unexpected)}" if unexpected else "",
+        ]
         raise CheckpointError("checkpoint does not fit the model: " + "; ".join(p for p in parts if p))
     try:
         model.load_state_dict({k: v for k, v in sd.items() if k in model_sd}, strict=False)

@@ -68,8 +68,15 @@ class TensorImageDataset(Dataset):
         classes: Class names, indexed by target.
     """
 
-    def __init__(self, images: torch.Tensor, targets: torch.Tensor, mean: tuple[float, ...],
-                 std: tuple[float, ...], crop_padding: int = 0, classes: tuple[str, ...] = ()):
+    def __init__(
+        self,
+        images: torch.Tensor,
+        targets: torch.Tensor,
+        mean: tuple[float, ...],
+        std: tuple[float, ...],
+        crop_padding: int = 0,
+        classes: tuple[str, ...] = (),
+    ):
         self.images = images
         self.targets = targets
         self.mean = torch.tensor(mean, dtype=images.dtype).view(-1, 1, 1)
@@ -88,7 +95,7 @@ class TensorImageDataset(Dataset):
             # zero padding matches the digits' black background before normalisation
             padded = F.pad(img, (p, p, p, p))
             i, j = (int(v) for v in torch.randint(0, 2 * p + 1, (2,)))
-            img = padded[:, i:i + h, j:j + w]
+            img = padded[:, i : i + h, j : j + w]
         return (img - self.mean) / self.std, int(self.targets[idx])
 
 
@@ -121,8 +128,9 @@ def _build_digits(cfg: DataConfig) -> tuple[Dataset, Dataset, DatasetInfo]:
     mean = tuple(float(m) for m in train_images.mean(dim=(0, 2, 3)))
     std = tuple(float(s) for s in train_images.std(dim=(0, 2, 3)))
     classes = tuple(str(c) for c in bunch.target_names)
-    train = TensorImageDataset(train_images, targets[train_idx], mean, std,
-                               crop_padding=max(1, size // 8), classes=classes)
+    train = TensorImageDataset(
+        train_images, targets[train_idx], mean, std, crop_padding=max(1, size // 8), classes=classes
+    )
     val = TensorImageDataset(images[val_idx], targets[val_idx], mean, std, classes=classes)
     return train, val, DatasetInfo("digits", 10, (3, size, size), mean, std, classes)
 
@@ -138,23 +146,27 @@ def _build_cifar(cfg: DataConfig) -> tuple[Dataset, Dataset, DatasetInfo]:
     root = Path(cfg.data_dir or "data")
     base = root / cls.base_folder
     if not cfg.download and not base.is_dir():
-        raise DataError(f"{label} not found: {base} does not exist; pass --download, or --data-dir "
-                        f"pointing at a folder containing {cls.base_folder}")
+        raise DataError(
+            f"{label} not found: {base} does not exist; pass --download, or --data-dir "
+            f"pointing at a folder containing {cls.base_folder}"
+        )
     size = cfg.image_size or 32
     resize = [transforms.Resize(size)] if size != 32 else []
     normalize = [transforms.ToTensor(), transforms.Normalize(mean, std)]
-    train_tf = transforms.Compose(resize + [transforms.RandomCrop(size, padding=size // 8),
-                                            transforms.RandomHorizontalFlip()] + normalize)
+    train_tf = transforms.Compose(
+        resize + [transforms.RandomCrop(size, padding=size // 8), transforms.RandomHorizontalFlip()] + normalize
+    )
     val_tf = transforms.Compose(resize + normalize)
     try:
         train = cls(root=str(root), train=True, transform=train_tf, download=cfg.download)
         val = cls(root=str(root), train=False, transform=val_tf, download=False)
     except (RuntimeError, OSError, EOFError, ValueError, KeyError) as e:
         # torchvision reports bad checksums and failed downloads as RuntimeError / OSError
-        raise DataError(f"{label} in {base} could not be loaded ({e}); delete that folder and "
-                        "pass --download, or point --data-dir at a complete copy") from e
-    info = DatasetInfo(cfg.dataset, len(train.classes), (3, size, size), mean, std,
-                       tuple(train.classes))
+        raise DataError(
+            f"{label} in {base} could not be loaded ({e}); delete that folder and "
+            "pass --download, or point --data-dir at a complete copy"
+        ) from e
+    info = DatasetInfo(cfg.dataset, len(train.classes), (3, size, size), mean, std, tuple(train.classes))
     return train, val, info
 
 
@@ -181,29 +193,27 @@ def _build_folder(cfg: DataConfig) -> tuple[Dataset, Dataset, DatasetInfo]:
         raise DataError("dataset 'folder' needs --data-dir pointing at a folder with train/ and val/")
     root = Path(cfg.data_dir)
     if not root.is_dir():
-        raise DataError(f"data directory not found: {root}; point --data-dir at a folder with "
-                        "train/ and val/")
+        raise DataError(f"data directory not found: {root}; point --data-dir at a folder with train/ and val/")
     classes: dict[str, list[str]] = {}
     for split in ("train", "val"):
         split_dir = root / split
         if not split_dir.is_dir():
-            raise DataError(f"missing {split_dir}; --data-dir must contain train/CLASS/*.jpg and "
-                            "val/CLASS/*.jpg")
+            raise DataError(f"missing {split_dir}; --data-dir must contain train/CLASS/*.jpg and val/CLASS/*.jpg")
         classes[split] = _class_dirs(split_dir)
         if not classes[split]:
             raise DataError(f"no class folders in {split_dir}; put images in {split_dir}/CLASS/")
     if classes["train"] != classes["val"]:
         only_train = sorted(set(classes["train"]) - set(classes["val"]))
         only_val = sorted(set(classes["val"]) - set(classes["train"]))
-        raise DataError(f"train/ and val/ in {root} have different class folders (only in "
-                        f"train: {only_train[:5]}, only in val: {only_val[:5]}); make them match")
+        raise DataError(
+            f"train/ and val/ in {root} have different class folders (only in "
+            f"train: {only_train[:5]}, only in val: {only_val[:5]}); make them match"
+        )
     size = cfg.image_size or 224
     normalize = [transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
-    train_tf = transforms.Compose([transforms.RandomResizedCrop(size),
-                                   transforms.RandomHorizontalFlip()] + normalize)
+    train_tf = transforms.Compose([transforms.RandomResizedCrop(size), transforms.RandomHorizontalFlip()] + normalize)
     # resize to size/0.875 then centre-crop: the usual 256 -> 224 evaluation protocol
-    val_tf = transforms.Compose([transforms.Resize(int(size / 0.875)),
-                                 transforms.CenterCrop(size)] + normalize)
+    val_tf = transforms.Compose([transforms.Resize(int(size / 0.875)), transforms.CenterCrop(size)] + normalize)
     built = []
     for split, tf in (("train", train_tf), ("val", val_tf)):
         try:
@@ -212,8 +222,7 @@ def _build_folder(cfg: DataConfig) -> tuple[Dataset, Dataset, DatasetInfo]:
             # ImageFolder raises this for a class folder without a single image file
             raise DataError(f"{root / split}: {e}; every class folder needs at least one image") from e
     train, val = built
-    info = DatasetInfo("folder", len(train.classes), (3, size, size), IMAGENET_MEAN,
-                       IMAGENET_STD, tuple(train.classes))
+    info = DatasetInfo("folder", len(train.classes), (3, size, size), IMAGENET_MEAN, IMAGENET_STD, tuple(train.classes))
     return train, val, info
 
 
@@ -238,14 +247,12 @@ def build_datasets(cfg: DataConfig) -> tuple[Dataset, Dataset, DatasetInfo]:
         DataError: The data is missing, empty, inconsistent or unreadable.
     """
     _validate(cfg)
-    builders = {"digits": _build_digits, "cifar10": _build_cifar, "cifar100": _build_cifar,
-                "folder": _build_folder}
+    builders = {"digits": _build_digits, "cifar10": _build_cifar, "cifar100": _build_cifar, "folder": _build_folder}
     train, val, info = builders[cfg.dataset](cfg)
     return _first(train, cfg.train_subset), _first(val, cfg.val_subset), info
 
 
-def build_loaders(cfg: DataConfig, distributed: bool = False
-                  ) -> tuple[DataLoader, DataLoader, DatasetInfo]:
+def build_loaders(cfg: DataConfig, distributed: bool = False) -> tuple[DataLoader, DataLoader, DatasetInfo]:
     """Build training and validation loaders.
 
     Args:
@@ -268,11 +275,19 @@ def build_loaders(cfg: DataConfig, distributed: bool = False
     train_sampler = DistributedSampler(train, shuffle=True) if distributed else None
     val_sampler = DistributedSampler(val, shuffle=False) if distributed else None
     n_train = train_sampler.num_samples if train_sampler is not None else len(train)
-    common = dict(batch_size=cfg.batch_size, num_workers=cfg.workers,
-                  pin_memory=torch.cuda.is_available(), persistent_workers=cfg.workers > 0)
+    common = dict(
+        batch_size=cfg.batch_size,
+        num_workers=cfg.workers,
+        pin_memory=torch.cuda.is_available(),
+        persistent_workers=cfg.workers > 0,
+    )
     # BatchNorm cannot train on a batch of one sample, so never emit such a last batch
-    train_loader = DataLoader(train, sampler=train_sampler, shuffle=train_sampler is None,
-                              drop_last=n_train > cfg.batch_size and n_train % cfg.batch_size == 1,
-                              **common)
+    train_loader = DataLoader(
+        train,
+        sampler=train_sampler,
+        shuffle=train_sampler is None,
+        drop_last=n_train > cfg.batch_size and n_train % cfg.batch_size == 1,
+        **common,
+    )
     val_loader = DataLoader(val, sampler=val_sampler, shuffle=False, **common)
     return train_loader, val_loader, info

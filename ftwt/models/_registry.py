@@ -78,8 +78,6 @@ def _get_torchvision_model(name: str, **kwargs: Any) -> nn.Module:
 
     available = torchvision.models.list_models()
     if name not in available:
-        raise ModelNotFoundError(
-            f"unknown torchvision model {name!r}; available: {', '.join(sorted(available))}"
-        )
+        raise ModelNotFoundError(f"unknown torchvision model {name!r}; available: {', '.join(sorted(available))}")
     # Pruning experiments start from scratch or from a user checkpoint, never from a download.
     return torchvision.models.get_model(name, weights=None, **kwargs)

@@ -29,9 +29,11 @@ __all__ = [
 NormLayer = Callable[[int], nn.Module]
 
 # Output channels of each depthwise-separable block; a tuple gives (channels, stride).
+# fmt: off
 V1_CONFIG: list[int | tuple[int, int]] = [
     64, (128, 2), 128, (256, 2), 256, (512, 2), 512, 512, 512, 512, 512, (1024, 2), 1024,
-]  # fmt: skip
+]
+# fmt: on
 
 # (expansion t, output channels c, repeats n, first stride s), Table 2 of arXiv 1801.04381
 # with the second stage at stride 1 for 32x32 inputs.
@@ -72,9 +74,7 @@ class DepthwiseSeparable(nn.Module):
     ) -> None:
         super().__init__()
         norm_layer = norm_layer or nn.BatchNorm2d
-        self.conv1 = nn.Conv2d(
-            in_channels, in_channels, 3, stride, 1, groups=in_channels, bias=False
-        )
+        self.conv1 = nn.Conv2d(in_channels, in_channels, 3, stride, 1, groups=in_channels, bias=False)
         self.bn1 = norm_layer(in_channels)
         self.relu1 = nn.ReLU()
         self.conv2 = nn.Conv2d(in_channels, out_channels, 1, bias=False)

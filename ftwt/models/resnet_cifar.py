@@ -48,9 +48,7 @@ class OptionAShortcut(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, stride: int) -> None:
         super().__init__()
         if out_channels < in_channels or (out_channels - in_channels) % 2:
-            raise ValueError(
-                f"option A needs an even channel increase, got {in_channels} -> {out_channels}"
-            )
+            raise ValueError(f"option A needs an even channel increase, got {in_channels} -> {out_channels}")
         if stride not in (1, 2):
             raise ValueError(f"option A supports stride 1 or 2, got {stride}")
         self.stride = stride
@@ -135,14 +133,10 @@ class ResNetCifar(nn.Module):
         self.fc = nn.Linear(64, num_classes)
         self._init_weights()
 
-    def _make_layer(
-        self, channels: int, num_blocks: int, stride: int, norm_layer: NormLayer
-    ) -> nn.Sequential:
+    def _make_layer(self, channels: int, num_blocks: int, stride: int, norm_layer: NormLayer) -> nn.Sequential:
         layers = []
         for i in range(num_blocks):
-            layers.append(
-                BasicBlock(self._in_channels, channels, stride if i == 0 else 1, norm_layer)
-            )
+            layers.append(BasicBlock(self._in_channels, channels, stride if i == 0 else 1, norm_layer))
             self._in_channels = channels
         return nn.Sequential(*layers)
 

@@ -1,0 +1,5 @@
+import sys
+
+from ftwt.cli import main
+
+sys.exit(main())

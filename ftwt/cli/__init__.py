@@ -1,0 +1,51 @@
+"""The ``ftwt`` command line: one module per subcommand, each with ``add_parser`` and ``run``.
+
+Any :class:`ftwt.errors.FTWTError` becomes one line on stderr and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from collections.abc import Sequence
+
+from ftwt.errors import FTWTError
+
+# Subcommand modules under ftwt.cli, in the order ``ftwt --help`` lists them.
+COMMANDS = ("flops", "estimate")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from ftwt import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="ftwt", description="Dynamic channel pruning with self-supervised mask prediction (FTWT)."
+    )
+    parser.add_argument("--version", action="version", version=f"ftwt {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name in COMMANDS:
+        importlib.import_module(f"ftwt.cli.{name}").add_parser(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``ftwt`` console script; returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    try:
+        return int(args.func(args) or 0)
+    except FTWTError as exc:
+        print(f"ftwt {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except BrokenPipeError:  # output piped into `head`
+        return 0
+    except KeyboardInterrupt:
+        print(f"ftwt {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,45 @@
+"""``ftwt flops``: dense MACs and parameters of a model."""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from ftwt.cli._common import add_json_arg, build_model, default_input_size, print_json, print_table
+from ftwt.flops import measure
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("flops", help="dense MACs and parameters of a model", description=__doc__)
+    p.add_argument("--model", required=True, help="registry name or torchvision:NAME")
+    p.add_argument("--num-classes", type=int, default=10)
+    p.add_argument("--input-size", type=int, nargs=3, metavar=("C", "H", "W"), default=None)
+    p.add_argument("--per-layer", action="store_true", help="include each layer's MACs")
+    add_json_arg(p)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    model = build_model(args.model, args.num_classes)
+    size = tuple(args.input_size) if args.input_size else default_input_size(args.model)
+    # Ones, not zeros: a zero input would count its input channels as inactive.
+    report = measure(model, [torch.ones(1, *size)])
+    out = {
+        "model": args.model,
+        "input_size": list(size),
+        "dense_macs": int(report.dense_macs),
+        "params": sum(p.numel() for p in model.parameters()),
+    }
+    if args.per_layer:
+        out["per_layer"] = [{"name": lay.name, "kind": lay.kind, "macs": int(lay.dense)} for lay in report.layers]
+    if args.json:
+        print_json(out)
+    else:
+        print_table([
+            ("model", args.model),
+            ("input", "x".join(map(str, size))),
+            ("dense MACs", f"{out['dense_macs'] / 1e6:.2f}M"),
+            ("params", f"{out['params'] / 1e6:.2f}M"),
+        ])
+    return 0
