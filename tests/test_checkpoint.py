@@ -188,8 +188,11 @@ def test_load_state_dict_layouts(layout):
     if layout.startswith("ddp"):
         sd = {f"module.{k}": v for k, v in sd.items()}
     ckpt = {
-        "raw": sd, "ddp": sd, "state_dict": {"state_dict": sd, "epoch": 1},
-        "model": {"model": sd, "optimizer": {}}, "net": {"net": sd},
+        "raw": sd,
+        "ddp": sd,
+        "state_dict": {"state_dict": sd, "epoch": 1},
+        "model": {"model": sd, "optimizer": {}},
+        "net": {"net": sd},
         "ddp_wrapped": {"state_dict": sd},
     }[layout]
     assert load_state_dict_into(dst, ckpt) == ([], [])
