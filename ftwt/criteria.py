@@ -37,7 +37,8 @@ def _shares(scores: torch.Tensor) -> torch.Tensor:
 def _keep_top_one(keep: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
     # Differs from the reference on purpose: it can prune every filter of a unit.
     top = scores.argmax(dim=1, keepdim=True)
-    return keep.scatter(1, top, True)
+    empty = ~keep.any(dim=1, keepdim=True)
+    return keep | torch.zeros_like(keep).scatter(1, top, empty)
 
 
 def mass_mask(scores: torch.Tensor, r: float) -> torch.Tensor:

@@ -13,7 +13,7 @@ from ftwt.flops import measure
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("flops", help="dense MACs and parameters of a model", description=__doc__)
     p.add_argument("--model", required=True, help="registry name or torchvision:NAME")
-    p.add_argument("--num-classes", type=int, default=10)
+    p.add_argument("--num-classes", type=int, default=None, help="default: 1000 for torchvision models, else 10")
     p.add_argument("--input-size", type=int, nargs=3, metavar=("C", "H", "W"), default=None)
     p.add_argument("--per-layer", action="store_true", help="include each layer's MACs")
     add_json_arg(p)
@@ -21,7 +21,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    model = build_model(args.model, args.num_classes)
+    num_classes = args.num_classes or (1000 if args.model.startswith("torchvision:") else 10)
+    model = build_model(args.model, num_classes)
     size = tuple(args.input_size) if args.input_size else default_input_size(args.model)
     # Ones, not zeros: a zero input would count its input channels as inactive.
     report = measure(model, [torch.ones(1, *size)])
