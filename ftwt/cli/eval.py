@@ -1,0 +1,97 @@
+"""``ftwt eval``: accuracy, honest FLOPs and gate statistics of a trained checkpoint.
+
+Evaluates on the checkpoint's dataset (validation split) unless ``--dataset`` says
+otherwise, and writes ``report.json`` and ``per_layer.png`` next to the checkpoint (or into
+``--out``).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from torch.utils.data import DataLoader
+
+from ftwt.cli._common import add_json_arg, load_trained, positive, print_json, print_table, resolve_device
+from ftwt.data import DataConfig, build_datasets
+from ftwt.errors import ConfigError
+from ftwt.evaluate import evaluate, write_report
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("eval", help="accuracy, FLOPs and gate statistics of a checkpoint", description=__doc__)
+    p.add_argument("--checkpoint", required=True, help="a checkpoint written by ftwt train")
+    group = p.add_argument_group("data")
+    group.add_argument("--dataset", default=None, help="digits, cifar10, cifar100 or folder (default: the checkpoint's)")
+    group.add_argument("--data-dir", default=None, help="dataset root (CIFAR files or an ImageNet-style folder)")
+    group.add_argument("--batch-size", type=positive(int), default=256)
+    group.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
+    group.add_argument("--max-batches", type=positive(int), default=None, help="evaluate at most N batches")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--out", default=None, help="folder for report.json and per_layer.png (default: the checkpoint's)")
+    add_json_arg(p)
+    p.set_defaults(func=run)
+
+
+def _pct(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.1%}"
+
+
+def _table(out: dict[str, Any]) -> list[tuple[str, str]]:
+    rows = [
+        ("checkpoint", out["checkpoint"]),
+        ("model", f"{out['model']} ({'gated' if 'per_layer' in out else 'dense'})"),
+        ("data", f"{out['dataset']} validation, {out['samples']} samples"),
+        ("top-1 / top-5", f"{out['top1']:.2f}% / {out['top5']:.2f}%"),
+        ("loss", f"{out['loss']:.4f}"),
+        ("dense MACs", f"{out['dense_macs'] / 1e6:.2f}M"),
+        ("dynamic MACs", f"{out['dynamic_macs'] / 1e6:.2f}M (gates {out['gate_macs'] / 1e6:.3f}M; per sample "
+                         f"{out['per_sample_macs']['min'] / 1e6:.2f}M to {out['per_sample_macs']['max'] / 1e6:.2f}M)"),
+        ("FLOPs reduction", f"{out['flops_reduction']:.1%} (reference-style count {out['reference_reduction']:.1%})"),
+    ]
+    if "per_layer" not in out:
+        return rows
+    if "ground_truth_reduction" in out:
+        rows.append(("perfect-gate reduction", f"{out['ground_truth_reduction']:.1%} (ground-truth masks, same inputs)"))
+    if "gate_accuracy" in out:
+        rows += [
+            ("kept filters", f"{_pct(out['kept'])} predicted vs {_pct(out['kept_labels'])} in the labels"),
+            ("gate accuracy", f"{_pct(out['gate_accuracy'])} (precision {_pct(out['gate_precision'])}, "
+                              f"recall {_pct(out['gate_recall'])}; positive = keep)"),
+        ]
+    rows.append((
+        "dynamic?",
+        f"masks vary for {out['varying_fraction']:.2%} of decisions; {out['always_on_fraction']:.1%} of filters "
+        f"always on, {out['always_off_fraction']:.1%} always off",
+    ))
+    return rows
+
+
+def run(args: argparse.Namespace) -> int:
+    device = resolve_device(args.device)
+    model, ckpt = load_trained(args.checkpoint)
+    dataset = args.dataset or ckpt.get("dataset") or "digits"
+    image_size = None
+    size = ckpt.get("input_size")
+    # The checkpoint's input size only applies to the data it was trained on.
+    if size and dataset == (ckpt.get("dataset") or "digits"):
+        image_size = int(list(size)[-1])
+    cfg = DataConfig(dataset=dataset, data_dir=args.data_dir, batch_size=args.batch_size, workers=args.workers,
+                     image_size=image_size)
+    _, val, info = build_datasets(cfg)
+    if info.num_classes != int(ckpt["num_classes"]):
+        raise ConfigError(
+            f"{args.checkpoint} has {ckpt['num_classes']} classes but {info.name} has {info.num_classes}; "
+            "pass the --dataset it was trained on"
+        )
+    loader = DataLoader(val, batch_size=args.batch_size, shuffle=False, num_workers=args.workers)
+    report = evaluate(model.to(device), loader, device, max_batches=args.max_batches)
+    out = {"checkpoint": str(args.checkpoint), "model": ckpt["model_name"], "dataset": info.name, **report}
+    out_dir = Path(args.out) if args.out else Path(args.checkpoint).resolve().parent
+    written = write_report(out, out_dir)
+    if args.json:
+        print_json(out)
+    else:
+        print_table(_table(out) + [("written", ", ".join(str(p) for p in written))])
+    return 0
