@@ -1,0 +1,125 @@
+"""``ftwt train``: train a dense baseline or FTWT gates from a recipe and/or flags.
+
+Settings are layered: TrainConfig defaults, then the ``--resume`` checkpoint's config, then
+the ``--config`` recipe (a YAML path or a shipped recipe name such as
+``cifar10_resnet56_r0.80_decoupled``), then the flags given. Writes ``config.yaml``,
+``metrics.jsonl``, ``last.pt``, ``best.pt`` and ``report.json`` into ``--out``. For several
+processes, launch with torchrun: ``torchrun --nproc_per_node 4 -m ftwt train ...``.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import fields
+from typing import Any
+
+from ftwt.cli._common import print_json, print_table
+from ftwt.errors import ConfigError
+from ftwt.train import TrainConfig, Trainer, list_recipes, load_recipe
+
+_KEYS = {f.name for f in fields(TrainConfig)}
+_BOOL = argparse.BooleanOptionalAction
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="train a dense baseline or FTWT gates", description=__doc__,
+                       argument_default=argparse.SUPPRESS)
+    p.add_argument("--config", metavar="RECIPE", default=None,
+                   help=f"recipe YAML file or shipped name ({', '.join(list_recipes())})")
+    p.add_argument("--resume", metavar="CKPT", default=None,
+                   help="continue the run saved in OUT/last.pt exactly (its config is the base)")
+
+    g = p.add_argument_group("model")
+    g.add_argument("--model", help="registry name or torchvision:NAME (default resnet56)")
+    g.add_argument("--num-classes", dest="num_classes", type=int, help="classifier outputs (default: the data's)")
+    g.add_argument("--init", metavar="CKPT", help="dense checkpoint to start from (FTWT fine-tunes a trained model)")
+
+    g = p.add_argument_group("data")
+    g.add_argument("--dataset", help="digits (embedded, default), cifar10, cifar100 or folder")
+    g.add_argument("--data-dir", dest="data_dir", help="dataset root")
+    g.add_argument("--download", action=_BOOL, help="let torchvision download CIFAR")
+    g.add_argument("--image-size", dest="image_size", type=int, help="input size (default: the dataset's)")
+    g.add_argument("--batch-size", dest="batch_size", type=int, help="per process (default 128)")
+    g.add_argument("--workers", type=int, help="DataLoader worker processes (default 2)")
+    g.add_argument("--train-subset", dest="train_subset", type=int, help="first N training samples only")
+    g.add_argument("--val-subset", dest="val_subset", type=int, help="first N validation samples only")
+
+    g = p.add_argument_group("gates")
+    g.add_argument("--dense", action=_BOOL, help="train without gates (the baseline)")
+    g.add_argument("--mode", help="decoupled (default) or joint")
+    g.add_argument("--criterion", help="mass (default) or uniform")
+    g.add_argument("--mass", "--threshold", dest="threshold", type=float,
+                   help="mass threshold r in (0, 1] (uniform: ratio rho); default 0.9")
+    g.add_argument("--gate-pool", dest="gate_pool", type=int, help="gate input pooled to d x d (default 1)")
+    g.add_argument("--gate-softmax", dest="gate_softmax", action=_BOOL, help="softmax over pooled features (default on)")
+    g.add_argument("--gate-embed", dest="gate_embed", type=int, help="target gate embedding size (sets d per unit)")
+    g.add_argument("--lam", type=float, help="mask-loss weight until cooldown (default 1)")
+    g.add_argument("--cooldown", type=int, help="epoch from which gates are frozen (default: half the epochs)")
+    g.add_argument("--balance-loss", dest="balance_loss", action=_BOOL, help="class-balanced mask loss")
+    g.add_argument("--calibrate", action=_BOOL, help="at cooldown, match each gate's kept fraction to its labels'")
+    g.add_argument("--calibrate-batches", dest="calibrate_batches", type=int,
+                   help="training batches per process and round for --calibrate (default 100)")
+    g.add_argument("--estimate-samples", dest="estimate_samples", type=int,
+                   help="training samples for the FLOPs estimate before training (default 256)")
+
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--epochs", type=int, help="default 200")
+    g.add_argument("--lr", type=float, help="backbone lr (default 0.01 FTWT, 0.1 dense)")
+    g.add_argument("--momentum", type=float, help="backbone SGD momentum (default 0.9)")
+    g.add_argument("--weight-decay", dest="weight_decay", type=float, help="backbone weight decay (default 5e-4)")
+    g.add_argument("--schedule", help="step or cosine (default: step FTWT, cosine dense)")
+    g.add_argument("--milestones", type=float, nargs="+",
+                   help="step-schedule epochs; values below 1 are fractions of the epochs")
+    g.add_argument("--gamma", type=float, help="lr factor at each milestone (default 0.1)")
+    g.add_argument("--gate-lr", dest="gate_lr", type=float, help="gate lr (default 0.1)")
+    g.add_argument("--gate-momentum", dest="gate_momentum", type=float, help="gate SGD momentum (default 0.9)")
+    g.add_argument("--amp", action=_BOOL, help="mixed precision (CUDA only)")
+    g.add_argument("--sync-bn", dest="sync_bn", action=_BOOL, help="SyncBatchNorm under torchrun (CUDA)")
+    g.add_argument("--flops-every", dest="flops_every", type=int, help="count training FLOPs every N batches")
+    g.add_argument("--seed", type=int, help="default 0")
+
+    g = p.add_argument_group("output")
+    g.add_argument("--out", dest="out_dir", metavar="DIR", help="output folder (default runs/train)")
+    g.add_argument("--overwrite", action=_BOOL, help="start afresh in a folder that already holds a run")
+    g.add_argument("--device", help="auto (default), cpu, cuda or cuda:N")
+    g.add_argument("--progress", action=_BOOL, help="progress bar (default on)")
+    g.add_argument("--json", action="store_true", default=False, help="print the final report as JSON")
+    p.set_defaults(func=run)
+
+
+def _recipe(name: str) -> dict[str, Any]:
+    recipe = load_recipe(name)
+    unknown = sorted(set(recipe) - _KEYS)
+    if unknown:
+        raise ConfigError(f"unknown recipe key(s) {unknown} in {name}; known keys: {', '.join(sorted(_KEYS))}")
+    return recipe
+
+
+def _pct(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.1%}"
+
+
+def run(args: argparse.Namespace) -> int:
+    flags = {k: v for k, v in vars(args).items() if k in _KEYS}
+    settings = {**(_recipe(args.config) if args.config else {}), **flags}
+    if args.resume:
+        trainer = Trainer.resume(args.resume, settings)
+    else:
+        trainer = Trainer(TrainConfig.from_dict(settings))
+    report = trainer.fit()
+    if not trainer.is_main:
+        return 0
+    if args.json:
+        print_json(report)
+        return 0
+    cfg = trainer.config
+    rows = [
+        ("model", f"{cfg.model} on {report['dataset']}, {cfg.epochs} epochs"),
+        ("gates", "none (dense)" if cfg.dense else f"{cfg.mode}, {cfg.criterion} {cfg.threshold:g}"),
+        ("top-1 (final / best)", f"{report['top1']:.2f}% / {report['best_top1']:.2f}%"),
+        ("FLOPs reduction", f"{_pct(report['flops_reduction'])} achieved, {_pct(report['estimated_reduction'])} "
+                            "estimated before training"),
+        ("output", str(trainer.out)),
+    ]
+    print_table(rows)
+    return 0
