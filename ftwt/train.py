@@ -231,7 +231,8 @@ def load_recipe(name_or_path: str) -> dict[str, Any]:
     if path.is_file():
         text, where = path.read_text(), str(path)
     else:
-        shipped = resources.files("ftwt") / "recipes" / f"{name_or_path.removesuffix('.yaml')}.yaml"
+        # `recipes/NAME.yaml` (as the README writes it) names a shipped recipe too.
+        shipped = resources.files("ftwt") / "recipes" / f"{path.name.removesuffix('.yaml')}.yaml"
         if not shipped.is_file():
             raise ConfigError(f"no recipe file or shipped recipe named {name_or_path!r}; shipped: {', '.join(list_recipes())}")
         text, where = shipped.read_text(), f"recipe {path.stem}"

@@ -166,3 +166,5 @@ def test_every_recipe_parses():
         shipped = Path(__file__).parents[1] / "ftwt" / "recipes" / f"{name}.yaml"
         assert "Paper target" in shipped.read_text(), name
     assert load_recipe("cifar10_resnet56_r0.80_decoupled.yaml") == load_recipe("cifar10_resnet56_r0.80_decoupled")
+    # The path the README uses from the repository root resolves to the shipped recipe.
+    assert load_recipe("recipes/cifar10_resnet56_r0.80_decoupled.yaml") == load_recipe("cifar10_resnet56_r0.80_decoupled")
