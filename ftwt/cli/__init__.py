@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from ftwt.errors import FTWTError
 
 # Subcommand modules under ftwt.cli, in the order ``ftwt --help`` lists them.
-COMMANDS = ("flops", "estimate", "eval", "train", "demo")
+COMMANDS = ("flops", "estimate", "eval", "train", "demo", "bench")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,292 @@
+"""One convolution of the sparse engine: gate first, then only the kept filters on the live inputs.
+
+A :class:`SparseConv` replaces ``conv -> [BatchNorm] -> [mask] -> [activation]``. The BN is
+folded into the weight at build time. At run time the gate reads the compact input, the
+mask picks the output filters ``O``, the live input channels ``I`` are the non-zero ones,
+and the ``|O| x |I|`` block of the weight is gathered in one ``index_select`` and used by
+one GEMM or ``conv2d`` call, so the multiply-adds are exactly those
+:class:`ftwt.flops.FlopsMeter` counts.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ftwt.engine._compact import Compact, live_channels
+from ftwt.engine.fold import fold_bn
+from ftwt.errors import ConfigError, UnsupportedLayerError
+from ftwt.gate import GatedUnit
+
+# Up to this many output positions (N*H'*W') a convolution is im2col + one MKL GEMM: it needs
+# no per-shape kernel compilation, unlike oneDNN's conv2d (measured on AMD EPYC, see the package doc).
+GEMM_MAX_POSITIONS = 4096
+# Up to this many positions they are the GEMM's rows rather than its columns.
+GEMM_ROWS_MAX_POSITIONS = 49
+_SEEN_SHAPES = 16  # shapes remembered per layer: oneDNN's kernel cache holds 1024 in all
+
+# In-place activations for a fresh conv output (the engine owns that buffer).
+_ACT_INPLACE = {
+    "relu": torch.relu_,
+    "relu6": lambda t: F.hardtanh_(t, 0.0, 6.0),
+    "hardswish": lambda t: F.hardswish(t, inplace=True),
+    "silu": lambda t: F.silu(t, inplace=True),
+    "gelu": F.gelu,
+}
+_NONNEG = ("relu", "relu6")
+
+
+def _im2col(x: Tensor, k: tuple[int, int], stride: tuple[int, int], dil: tuple[int, int], out_hw: tuple[int, int]) -> Tensor:
+    """``(C*kh*kw, N*H'*W')`` patches of an already padded ``(N, C, H, W)`` tensor."""
+    n, c = x.shape[:2]
+    sn, sc, sh, sw = x.stride()
+    # One strided copy; much faster on CPU than F.unfold, whose kernel copies element by element.
+    view = x.as_strided((c, k[0], k[1], n, out_hw[0], out_hw[1]), (sc, dil[0] * sh, dil[1] * sw, sn, stride[0] * sh, stride[1] * sw))
+    return view.reshape(c * k[0] * k[1], n * out_hw[0] * out_hw[1])
+
+
+class SparseConv:
+    """A convolution (+ folded BN, + optional gate, + optional activation) on :class:`Compact` values.
+
+    Args:
+        name: the convolution's qualified name (the key of ``masks=``).
+        conv: the convolution.
+        bn: the BatchNorm after it, folded in, or None.
+        unit: its gated unit, or None for a convolution that computes every filter.
+        act: activation applied to the output (a key of ``_ACT_INPLACE``) or None.
+        round_to: round each kept-filter count up to a multiple of this (extra filters are
+            computed, then zeroed).
+        trim_inputs: drop input channels that are all zero before computing.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        conv: nn.Conv2d,
+        bn: nn.Module | None,
+        unit: GatedUnit | None,
+        act: str | None,
+        round_to: int = 1,
+        trim_inputs: bool = True,
+    ) -> None:
+        self.name, self.unit, self.round_to, self.trim_inputs = name, unit, round_to, trim_inputs
+        self.act = _ACT_INPLACE[act] if act is not None else None
+        self.nonneg = act in _NONNEG
+        weight, bias = fold_bn(conv, bn)
+        self.c_in, self.c_out, self.groups = conv.in_channels, conv.out_channels, conv.groups
+        self.kernel = tuple(conv.kernel_size)
+        self.stride, self.dilation = tuple(conv.stride), tuple(conv.dilation)
+        self.padding = self._padding(conv)
+        self.padding_mode = conv.padding_mode
+        self.in_per_group = self.c_in // self.groups
+        self.out_per_group = self.c_out // self.groups
+        kk = self.kernel[0] * self.kernel[1]
+        self.weight = weight.contiguous()  # (C_out, C_in/g, kh, kw)
+        # One row per (filter, input) pair; 1x1 kernels gather single values from a flat view, 3x faster.
+        self.rows = self.weight.view(self.c_out * self.in_per_group, kk) if kk > 1 else self.weight.view(-1)
+        # int32 row offsets: building the (|O|, |I|) gather index is 3x cheaper than in int64.
+        self.row_base = torch.arange(self.c_out, dtype=torch.int32, device=weight.device) * self.in_per_group
+        self.bias = bias
+        self._seen: set[tuple[int, ...]] = set()
+        if unit is not None:
+            fc = unit.gate.fc
+            self.gate_w, self.gate_b = fc.weight.detach(), fc.bias.detach() if fc.bias is not None else None
+            self.gate_pool, self.gate_softmax = unit.gate.pool, unit.gate.softmax
+
+    def _padding(self, conv: nn.Conv2d) -> tuple[int, int]:
+        if not isinstance(conv.padding, str):
+            return tuple(conv.padding)
+        if conv.padding == "valid":
+            return (0, 0)
+        total = [d * (k - 1) for d, k in zip(conv.dilation, conv.kernel_size, strict=True)]
+        if any(t % 2 for t in total):
+            raise UnsupportedLayerError(f"{self.name}: padding='same' with an asymmetric pad is not supported")
+        return (total[0] // 2, total[1] // 2)
+
+    # Gate -------------------------------------------------------------------------
+    def gate(self, x: Compact) -> Tensor:
+        """Gate logits ``(N, C_out)`` from the compact input, as :class:`ftwt.gate.Gate` computes them."""
+        pooled = F.adaptive_avg_pool2d(x.data, self.gate_pool)
+        if x.idx is not None:
+            # Channels not stored are zero, so they pool to zero; softmax still sees them.
+            full = pooled.new_zeros((pooled.shape[0], self.c_in, *pooled.shape[2:]))
+            pooled = full.index_copy_(1, x.idx, pooled)
+        z = pooled.flatten(1)
+        if self.gate_softmax:
+            z = z.softmax(dim=1)
+        return F.linear(z, self.gate_w, self.gate_b)
+
+    def _select(self, logits: Tensor, masks: dict[str, Tensor] | None) -> tuple[Tensor | None, Tensor, bool]:
+        """Kept filters ``O`` (ascending; None for all), the ``(N, C_out)`` mask, and whether ``O`` holds extra filters."""
+        if masks is not None and self.name in masks:
+            mask = masks[self.name].to(device=logits.device, dtype=torch.bool)
+            if mask.shape != logits.shape:
+                raise ConfigError(f"masks[{self.name!r}] has shape {tuple(mask.shape)}, expected {tuple(logits.shape)}")
+        else:
+            mask = torch.sigmoid(logits) > self.unit.decision
+        keep = mask[0] if mask.shape[0] == 1 else mask.any(0)
+        out = keep.nonzero().squeeze(1)
+        extra = False
+        if out.numel() == self.c_out:
+            return None, mask, False
+        if self.round_to > 1:
+            target = min(-(-out.numel() // self.round_to) * self.round_to, self.c_out)
+            if target > out.numel():
+                # Fill up with the most likely of the filters not kept.
+                score = torch.sigmoid(logits).amax(0).masked_fill(keep, -1.0)
+                out = torch.cat([out, score.topk(target - out.numel()).indices]).sort().values
+                extra = True
+        return out, mask, extra
+
+    # Compute ----------------------------------------------------------------------
+    def _out_hw(self, h: int, w: int) -> tuple[int, int]:
+        (kh, kw), (sh, sw), (dh, dw), (ph, pw) = self.kernel, self.stride, self.dilation, self.padding
+        return (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1, (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+
+    def _pad(self, x: Tensor) -> Tensor:
+        ph, pw = self.padding
+        if not (ph or pw):
+            return x
+        mode = "constant" if self.padding_mode == "zeros" else self.padding_mode
+        return F.pad(x, (pw, pw, ph, ph), mode=mode)
+
+    def _bias_only(self, out: Tensor | None, n: int, hw: tuple[int, int], like: Tensor) -> Tensor:
+        """Filters whose inputs are all zero output their (folded) bias: no multiply-adds."""
+        count = self.c_out if out is None else out.numel()
+        if self.bias is None:
+            return like.new_zeros((n, count, *hw))
+        b = self.bias if out is None else self.bias.index_select(0, out)
+        return b.view(1, -1, 1, 1).expand(n, count, *hw).contiguous()
+
+    def _dense_block(self, x: Tensor, inp: Tensor | None, out: Tensor | None, hw: tuple[int, int]) -> Tensor:
+        """Filters ``out`` (None: all) from the input channels ``inp`` (None: all) of one group."""
+        n = x.shape[0]
+        if inp is not None and inp.numel() == 0:
+            return self._bias_only(out, n, hw, x)
+        kh, kw = self.kernel
+        if inp is None and out is None and self.groups == 1:
+            w, b = self.weight, self.bias
+        elif inp is None:
+            w, b = self.weight.index_select(0, out), self.bias.index_select(0, out) if self.bias is not None else None
+        else:
+            base = self.row_base if out is None else self.row_base.index_select(0, out)
+            rows = torch.add(base[:, None], inp.to(torch.int32)).view(-1)
+            w = self.rows.index_select(0, rows).view(base.numel(), inp.numel(), kh, kw)
+            b = self.bias if self.bias is None or out is None else self.bias.index_select(0, out)
+        return self._compute(x, w, b, hw)
+
+    def _compute(self, x: Tensor, w: Tensor, b: Tensor | None, hw: tuple[int, int]) -> Tensor:
+        """``conv2d(x, w, b)`` (stride, padding and dilation of this layer) by the fastest CPU kernel for its shape."""
+        n, o, cin = x.shape[0], w.shape[0], w.shape[1]
+        kh, kw = self.kernel
+        rows = n * hw[0] * hw[1]
+        if kh == kw == 1 and self.padding == (0, 0):
+            # Pointwise: the NCHW data already is the GEMM operand (C_in, N*H*W), no im2col.
+            sh, sw = self.stride
+            xs = x if sh == sw == 1 else x[:, :, ::sh, ::sw]
+            cols = xs.reshape(cin, rows) if n == 1 else xs.transpose(0, 1).reshape(cin, rows)
+            return self._gemm(cols, w.reshape(o, cin), b, n, hw)
+        if rows > GEMM_MAX_POSITIONS or (rows > GEMM_ROWS_MAX_POSITIONS and self._cached_in_onednn(x, o)):
+            if self.padding_mode == "zeros":
+                return F.conv2d(x, w, b, self.stride, self.padding, self.dilation)
+            return F.conv2d(self._pad(x), w, b, self.stride, 0, self.dilation)
+        cols = _im2col(self._pad(x), self.kernel, self.stride, self.dilation, hw)
+        return self._gemm(cols, w.reshape(o, cin * kh * kw), b, n, hw)
+
+    @staticmethod
+    def _gemm(cols: Tensor, w: Tensor, b: Tensor | None, n: int, hw: tuple[int, int]) -> Tensor:
+        """``w (|O|, K) @ cols (K, N*H'*W')`` as an ``(N, |O|, H', W')`` activation."""
+        o, rows = w.shape[0], cols.shape[1]
+        if rows <= GEMM_ROWS_MAX_POSITIONS:
+            # Few positions: positions as GEMM rows; MKL is 3-6x slower with them as columns.
+            y = F.linear(cols.t(), w, b)
+            return y.view(n, hw[0], hw[1], o).permute(0, 3, 1, 2)
+        y = torch.mm(w, cols)
+        if b is not None:
+            y += b[:, None]  # addmm would copy the bias to every position, unvectorized
+        return y.view(o, n, *hw).transpose(0, 1) if n > 1 else y.view(1, o, *hw)
+
+    def _cached_in_onednn(self, x: Tensor, out: int) -> bool:
+        """Whether ``conv2d`` goes to oneDNN and this shape was seen before, so its kernel is compiled.
+
+        oneDNN JIT-compiles a kernel per new shape (~0.5 ms), which a sparse layer meets at
+        almost every call unless its masks repeat; a repeated shape runs 1.1-1.5x faster
+        through oneDNN than through im2col + MKL's GEMM.
+        """
+        kh, kw = self.kernel
+        if not (x.numel() > 20480 or min(kh, kw) > 3):  # PyTorch's rule for oneDNN at batch 1
+            return False
+        key = (*x.shape, out)
+        if key in self._seen:
+            return True
+        if len(self._seen) < _SEEN_SHAPES:
+            self._seen.add(key)
+        return False
+
+    def _depthwise(self, x: Compact, out: Tensor | None, hw: tuple[int, int]) -> Tensor:
+        """One input channel per group: compute the kept filters whose input is live, bias for the rest."""
+        m = self.out_per_group
+        outs = out if out is not None else torch.arange(self.c_out, device=x.data.device)
+        if x.idx is None and m == 1:
+            src, valid = outs, None
+        else:
+            pos = torch.full((self.c_in,), -1, dtype=torch.long, device=x.data.device)
+            pos[x.indices()] = torch.arange(x.data.shape[1], device=x.data.device)
+            src = pos[outs // m]
+            valid = src >= 0
+            if bool(valid.all()):
+                valid = None
+        both = outs if valid is None else outs[valid]
+        if both.numel() == 0:
+            return self._bias_only(out, x.data.shape[0], hw, x.data)
+        src = src if valid is None else src[valid]
+        same = m == 1 and src.numel() == x.data.shape[1]  # every live input feeds a kept filter, in order
+        xs = x.data if same else x.data.index_select(1, src)
+        w = self.weight.index_select(0, both)
+        b = self.bias.index_select(0, both) if self.bias is not None else None
+        if self.padding_mode == "zeros":
+            y = F.conv2d(xs, w, b, self.stride, self.padding, self.dilation, both.numel())
+        else:
+            y = F.conv2d(self._pad(xs), w, b, self.stride, 0, self.dilation, both.numel())
+        if valid is None:
+            return y
+        full = self._bias_only(out, x.data.shape[0], hw, x.data)
+        return full.index_copy_(1, valid.nonzero().squeeze(1), y)
+
+    def _grouped(self, x: Compact, out: Tensor | None, hw: tuple[int, int]) -> Tensor:
+        """General grouped convolution: one GEMM per group (rare in practice, so kept simple)."""
+        inp, outs = x.indices(), out if out is not None else torch.arange(self.c_out, device=x.data.device)
+        pieces = []
+        for g in range(self.groups):
+            in_g = ((inp >= g * self.in_per_group) & (inp < (g + 1) * self.in_per_group)).nonzero().squeeze(1)
+            out_g = outs[(outs >= g * self.out_per_group) & (outs < (g + 1) * self.out_per_group)]
+            if out_g.numel():
+                xg = x.data.index_select(1, in_g)
+                pieces.append(self._dense_block(xg, inp[in_g] - g * self.in_per_group, out_g, hw))
+        if not pieces:
+            return x.data.new_zeros((x.data.shape[0], 0, *hw))
+        return torch.cat(pieces, 1)
+
+    def __call__(self, x: Compact, masks: dict[str, Tensor] | None = None) -> Compact:
+        if self.trim_inputs:
+            x = live_channels(x)
+        out, mask, extra = None, None, False
+        if self.unit is not None:
+            out, mask, extra = self._select(self.gate(x), masks)
+        hw = self._out_hw(*x.data.shape[2:])
+        n = x.data.shape[0]
+        if out is not None and out.numel() == 0:
+            return Compact(x.data.new_zeros((n, 0, *hw)), out, self.c_out, True)
+        if self.groups == 1:
+            y = self._dense_block(x.data, x.idx, out, hw)
+        elif self.in_per_group == 1:
+            y = self._depthwise(x, out, hw)
+        else:
+            y = self._grouped(x, out, hw)
+        if mask is not None and (n > 1 or extra):
+            # Filters kept for another sample of the batch (or only for rounding) are zero here.
+            y = y * (mask if out is None else mask.index_select(1, out)).to(y.dtype)[:, :, None, None]
+        if self.act is not None:
+            y = self.act(y)
+        return Compact(y, out, self.c_out, self.nonneg)

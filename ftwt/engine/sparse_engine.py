@@ -1,0 +1,113 @@
+"""The sparse inference engine: a gated model that computes only what its gates keep."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ftwt.engine._compact import Compact, widen
+from ftwt.engine._plan import Plan
+from ftwt.errors import ConfigError, UnsupportedLayerError
+from ftwt.surgery import gated_units, is_gated
+
+BATCH_MODES = ("loop", "union")
+
+
+class SparseEngine:
+    """Runs a trained gated model computing, per sample, only the kept filters on the live inputs.
+
+    The model's ``torch.fx`` graph is compiled once into a flat plan (see :mod:`ftwt.engine`).
+    The output equals the gated model's eval-mode output up to float rounding, and the
+    multiply-adds performed on one sample are exactly those :class:`ftwt.flops.FlopsMeter`
+    counts for it (convolutions, linear layers and the gates' linear layers).
+
+    Args:
+        model: a gated model (:func:`ftwt.attach_gates`) in eval mode. Its weights are read
+            once: build a new engine after changing them.
+        round_to: round each kept-filter count up to a multiple of this, taking the next
+            filters by gate probability. The extra filters are computed and then zeroed, so
+            outputs are unchanged but the multiply-adds exceed the honest count; the
+            zero-channel trimming of inputs is off in this mode so that input widths stay
+            the rounded ones.
+        batch: how batches of more than one sample run. ``"loop"`` (default): one sample at
+            a time, each with its own filters. ``"union"``: the whole batch at once on the
+            union of its samples' filters, masked per sample afterwards (more multiply-adds,
+            fewer, larger calls). Measured on one core (ms per batch, dense / loop / union):
+            VGG16-BN 32x32 r=0.85, batch 3: 30 / 42 / 32, batch 8: 60 / 110 / 71; ResNet-18
+            224x224 r=0.72, batch 4: 185 / 151 / 196. Union wins for small inputs, where
+            per-call overhead dominates; loop for large ones.
+
+    Raises:
+        ConfigError: the model has no gates, is in training mode, or an option is invalid.
+        UnsupportedLayerError: the model cannot be traced, or a gated unit cannot be compiled.
+
+    Example:
+        >>> model = attach_gates(resnet56(), GateConfig(threshold=0.9)).eval()
+        >>> engine = SparseEngine(model)
+        >>> torch.allclose(engine(x), model(x), rtol=1e-4, atol=1e-5)
+        True
+    """
+
+    def __init__(self, model: nn.Module, *, round_to: int = 1, batch: str = "loop") -> None:
+        if not is_gated(model):
+            raise ConfigError("SparseEngine needs a gated model; call ftwt.attach_gates(model) first")
+        if model.training:
+            raise ConfigError("SparseEngine computes eval-mode outputs (BatchNorm folded); call model.eval() first")
+        if not isinstance(round_to, int) or round_to < 1:
+            raise ConfigError(f"round_to must be a positive integer, got {round_to!r}")
+        if batch not in BATCH_MODES:
+            raise ConfigError(f"unknown batch mode {batch!r}; choose from {list(BATCH_MODES)}")
+        self.round_to, self.batch = round_to, batch
+        units = {u.name: u for u in gated_units(model)}
+        try:
+            gm = torch.fx.symbolic_trace(model)
+        except Exception as exc:  # fx raises many types for untraceable Python
+            raise UnsupportedLayerError(f"could not trace {type(model).__name__} with torch.fx: {exc}") from exc
+        with torch.no_grad():
+            self.plan = Plan(gm, units, round_to)
+        if len(self.plan.inputs) != 1:
+            raise UnsupportedLayerError(f"the engine runs models with one input, {type(model).__name__} has {len(self.plan.inputs)}")
+        self.unit_names = frozenset(units)
+
+    def __call__(self, x: Tensor, masks: dict[str, Tensor] | None = None) -> Any:
+        return self.forward(x, masks)
+
+    def forward(self, x: Tensor, masks: dict[str, Tensor] | None = None) -> Any:
+        """The gated model's output for ``x``.
+
+        Args:
+            x: input batch ``(N, C, H, W)``.
+            masks: optional ``{unit name: (N, C_out) bool}`` that replaces the gates'
+                decisions (the gates still run, so their cost is paid), e.g. ground-truth
+                masks to measure perfect gates. Units not named use their gates.
+
+        Returns:
+            What the model returns, as full tensors.
+        """
+        n = x.shape[0] if isinstance(x, Tensor) and x.dim() > 0 else 1
+        if masks is not None:
+            unknown = sorted(set(masks) - self.unit_names)
+            if unknown:
+                raise ConfigError(f"masks for unknown unit(s) {unknown}; units: {sorted(self.unit_names)}")
+            wrong = sorted(k for k, m in masks.items() if m.dim() != 2 or m.shape[0] != n)
+            if wrong:
+                raise ConfigError(f"masks {wrong} are not (N, C_out) with N = {n}, the batch size")
+        with torch.inference_mode():
+            if n == 1 or self.batch == "union":
+                return self._run(x, masks)
+            outs = [self._run(x[i : i + 1], None if masks is None else {k: m[i : i + 1] for k, m in masks.items()}) for i in range(n)]
+            if not all(isinstance(o, Tensor) for o in outs):
+                return self._run(x, masks)
+            return torch.cat(outs)
+
+    def _run(self, x: Tensor, masks: dict[str, Tensor] | None) -> Any:
+        env: list[Any] = [None] * self.plan.num_slots
+        env[0] = masks
+        env[self.plan.inputs[0]] = Compact(x, None, x.shape[1]) if isinstance(x, Tensor) and x.dim() >= 3 else x
+        for step, dead in self.plan.steps:
+            step(env)
+            for slot in dead:
+                env[slot] = None
+        return widen(env[self.plan.output])
