@@ -14,6 +14,7 @@ from importlib.metadata import PackageNotFoundError, version
 
 from ftwt import models
 from ftwt.criteria import filter_scores, ground_truth, mass_mask, uniform_mask
+from ftwt.engine import SparseEngine, fold_bn
 from ftwt.errors import (
     CheckpointError,
     ConfigError,
@@ -24,6 +25,7 @@ from ftwt.errors import (
     UnsupportedLayerError,
 )
 from ftwt.estimate import Estimate, estimate, find_threshold
+from ftwt.evaluate import calibrate_decisions, evaluate, write_report
 from ftwt.flops import FlopsMeter, FlopsReport, LayerFlops, conv_macs, linear_macs, measure
 from ftwt.gate import Gate, GateConfig, GatedUnit, UnitSpec
 from ftwt.loss import mask_loss
@@ -42,6 +44,7 @@ from ftwt.surgery import (
     set_label_mode,
     set_threshold,
 )
+from ftwt.train import TrainConfig, Trainer
 
 try:
     __version__ = version("ftwt")
@@ -61,18 +64,24 @@ __all__ = [
     "GateConfig",
     "GatedUnit",
     "LayerFlops",
+    "SparseEngine",
+    "TrainConfig",
+    "Trainer",
     "ModelNotFoundError",
     "UnitSpec",
     "UnsupportedLayerError",
     "__version__",
     "attach_gates",
     "backbone_parameters",
+    "calibrate_decisions",
     "conv_macs",
     "detach_gates",
     "estimate",
+    "evaluate",
     "filter_scores",
     "find_threshold",
     "find_units",
+    "fold_bn",
     "gate_config",
     "gate_parameters",
     "gated_units",
@@ -80,6 +89,7 @@ __all__ = [
     "ground_truth",
     "is_gated",
     "linear_macs",
+    "list_models",
     "mask_loss",
     "mask_source",
     "mass_mask",
@@ -89,4 +99,5 @@ __all__ = [
     "set_label_mode",
     "set_threshold",
     "uniform_mask",
+    "write_report",
 ]

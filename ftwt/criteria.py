@@ -6,7 +6,7 @@ here is pure: tensors in, boolean masks out, no module state.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

@@ -10,8 +10,9 @@ BatchNorm, or the convolution itself when none follows) multiplies the output by
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F

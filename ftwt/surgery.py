@@ -225,7 +225,7 @@ def set_decision(model: nn.Module, decision: float | Sequence[float]) -> None:
     values = [decision] * len(units) if isinstance(decision, (int, float)) else list(decision)
     if len(values) != len(units):
         raise ConfigError(f"got {len(values)} decision thresholds for {len(units)} units")
-    for unit, value in zip(units, values):
+    for unit, value in zip(units, values, strict=True):
         GateConfig(decision=value)  # validates
         unit.decision = float(value)
 
@@ -252,7 +252,7 @@ def mask_source(model: nn.Module, source: str, labels: str | None = None) -> Ite
                 unit.label_mode = labels
         yield
     finally:
-        for unit, (src, lab) in zip(units, saved):
+        for unit, (src, lab) in zip(units, saved, strict=True):
             unit.mask_source, unit.label_mode = src, lab
 
 

@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-
 from conftest import randomize_bn
+
 from ftwt import ConfigError, GateConfig, attach_gates, estimate, find_threshold, gated_units, get_model, is_gated
 
 

@@ -2,9 +2,9 @@
 
 import pytest
 import torch
+from conftest import TORCHVISION, input_for, randomize_bn
 from torch import nn
 
-from conftest import TORCHVISION, input_for, randomize_bn
 from ftwt import (
     FlopsMeter,
     GateConfig,

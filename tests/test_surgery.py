@@ -3,9 +3,9 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import TORCHVISION, input_for, randomize_bn
 from torch import nn
 
-from conftest import TORCHVISION, input_for, randomize_bn
 from ftwt import (
     ConfigError,
     GateConfig,
