@@ -99,3 +99,20 @@ def test_console_script_exit_status(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and "unknown model" in proc.stderr
     torch.manual_seed(0)
+
+
+def test_errors_from_loader_workers_print_one_line(capsys, monkeypatch):
+    from ftwt.cli import estimate
+    from ftwt.errors import DataError
+
+    def fail(args):
+        # What a DataLoader worker re-raises: the original traceback inside the message.
+        raise DataError(
+            "Caught DataError in DataLoader worker process 0.\nOriginal Traceback (most recent call last):\n"
+            '  File "x.py", line 1, in f\nftwt.errors.DataError: cannot read image /data/val/cat/1.jpg'
+        )
+
+    monkeypatch.setattr(estimate, "run", fail)
+    code, _, err = run(capsys, "estimate", "--model", "resnet20", "--mass", "0.9")
+    assert code == 2
+    assert err == "ftwt estimate: error: cannot read image /data/val/cat/1.jpg\n"

@@ -30,6 +30,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line(exc: Exception) -> str:
+    """The actionable line of an error; DataLoader workers re-raise with a whole traceback."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    if not lines:
+        return type(exc).__name__
+    last = lines[-1]
+    prefix = f"{type(exc).__module__}.{type(exc).__name__}: "
+    return last.removeprefix(prefix) if len(lines) > 1 else last
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``ftwt`` console script; returns the exit status."""
     parser = build_parser()
@@ -38,7 +48,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except FTWTError as exc:
-        print(f"ftwt {args.command}: error: {exc}", file=sys.stderr)
+        print(f"ftwt {args.command}: error: {_one_line(exc)}", file=sys.stderr)
         return 2
     except BrokenPipeError:  # output piped into `head`
         return 0
