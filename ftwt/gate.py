@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ftwt._config import config_from_dict
 from ftwt.criteria import CRITERIA, ground_truth
 from ftwt.errors import ConfigError
 
@@ -75,11 +76,7 @@ class GateConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> GateConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError(f"unknown gate option(s) {unknown}; known: {sorted(known)}")
-        return cls(**data)
+        return config_from_dict(cls, data, "gate option(s)")
 
 
 class Gate(nn.Module):

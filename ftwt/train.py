@@ -44,6 +44,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 
+from ftwt._config import config_from_dict
 from ftwt.checkpoint import load_checkpoint, load_state_dict_into, save_checkpoint
 from ftwt.criteria import CRITERIA
 from ftwt.data import DATASETS, DataConfig, build_datasets
@@ -177,11 +178,7 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
         """Build from a recipe or checkpoint dict; unknown keys raise :class:`ConfigError`."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError(f"unknown config key(s) {unknown}; known keys: {', '.join(sorted(known))}")
-        return cls(**data)
+        return config_from_dict(cls, data, "config key(s)")
 
 
 def _check_types(config: TrainConfig) -> None:
