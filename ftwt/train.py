@@ -6,8 +6,8 @@ own mask loss (weight ``lam``). At ``cooldown`` (half of the epochs) the gates f
 the backbone adapts to their masks for the remaining epochs.
 
 Every run writes into ``out_dir``: ``config.yaml`` (the resolved config, at the start),
-one JSON line per epoch in ``metrics.jsonl``, ``last.pt`` and ``best.pt`` (best top-1)
-after every epoch, and at the end ``report.json`` / ``per_layer.png``
+one JSON line per epoch in ``metrics.jsonl``, ``last.pt`` and ``best.pt`` (best top-1;
+for FTWT runs among the epochs after cooldown, whose masks are final) after every epoch, and at the end ``report.json`` / ``per_layer.png``
 (:func:`ftwt.evaluate.write_report`) with the FLOPs reduction estimated *before* training
 next to the one achieved. Under ``torchrun`` (``WORLD_SIZE > 1``) the same code runs
 DistributedDataParallel; only rank 0 writes files and shows progress.
@@ -508,8 +508,12 @@ class Trainer:
             metrics = {"epoch": epoch + 1, **train, **{f"val_{k}": v for k, v in report.items()
                                                      if not isinstance(v, (list, dict))},
                        "time": time.time() - start}
-            is_best = report["top1"] > self.best_top1
-            self.best_top1 = max(self.best_top1, report["top1"])
+            # Before cooldown the gates still move (and calibration comes at cooldown): a
+            # checkpoint from then has other masks and another budget than the final model.
+            eligible = not self.gated or epoch >= min(cfg.cooldown, cfg.epochs - 1)
+            is_best = eligible and report["top1"] > self.best_top1
+            if is_best:
+                self.best_top1 = report["top1"]
             if self.is_main:
                 with open(self.out / "metrics.jsonl", "a") as f:
                     f.write(json.dumps(metrics) + "\n")

@@ -168,3 +168,14 @@ def test_every_recipe_parses():
     assert load_recipe("cifar10_resnet56_r0.80_decoupled.yaml") == load_recipe("cifar10_resnet56_r0.80_decoupled")
     # The path the README uses from the repository root resolves to the shipped recipe.
     assert load_recipe("recipes/cifar10_resnet56_r0.80_decoupled.yaml") == load_recipe("cifar10_resnet56_r0.80_decoupled")
+
+
+def test_best_checkpoint_comes_after_cooldown(tmp_path, dense_run):
+    # Before cooldown the masks are not final; best.pt must hold the model that is evaluated.
+    trainer = Trainer(TrainConfig(**TINY, init=str(dense_run / "last.pt"), threshold=0.8, epochs=3, cooldown=2,
+                                  out_dir=str(tmp_path)))
+    trainer.fit()
+    lines = _lines(tmp_path / "metrics.jsonl")
+    best = load_checkpoint(tmp_path / "best.pt")
+    assert best["epoch"] == 3
+    assert best["best_top1"] == lines[-1]["val_top1"]
