@@ -18,9 +18,8 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
-from ftwt.baselines import static_pruned
+from ftwt.baselines import finetune, static_pruned
 from ftwt.bench import describe_machine, machine_info
 from ftwt.checkpoint import load_checkpoint, load_state_dict_into
 from ftwt.data import DataConfig, build_loaders
@@ -48,20 +47,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _finetune_static(model, epochs: int, seed: int) -> float:
-    """Fine-tune a statically pruned model as the FTWT backbone is (SGD 0.01, cosine), return top-1."""
+def _static_top1(model, epochs: int, seed: int) -> float:
+    """Fine-tune a statically pruned model as the FTWT backbone is, return its top-1."""
     torch.manual_seed(seed)
     train, val, _ = build_loaders(DataConfig(dataset="digits", batch_size=64, workers=0))
-    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs * len(train))
-    for _ in range(epochs):
-        model.train()
-        for x, y in train:
-            opt.zero_grad()
-            F.cross_entropy(model(x), y).backward()
-            opt.step()
-            sched.step()
-    return evaluate(model, val, torch.device("cpu"))["top1"]
+    return evaluate(finetune(model, train, epochs), val, torch.device("cpu"))["top1"]
 
 
 def main(args: argparse.Namespace) -> None:
@@ -82,7 +72,7 @@ def main(args: argparse.Namespace) -> None:
     for name, run in rows:
         model = static_pruned(dense_model, torch.randn(1, 3, 16, 16), run["dynamic_macs"])
         reduction = 1 - measure(model, [torch.ones(1, 3, 16, 16)]).dense_macs / dense["dense_macs"]
-        static[name] = (reduction, _finetune_static(model, args.epochs, args.seed))
+        static[name] = (reduction, _static_top1(model, args.epochs, args.seed))
 
     print(f"{args.model} on digits, mass r = {args.mass}; dense top-1 {dense['top1']:.2f}%; "
           f"{args.dense_epochs} dense + {args.epochs} FTWT epochs; {describe_machine(machine_info())}, "

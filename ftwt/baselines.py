@@ -8,13 +8,14 @@ magnitude ranking by default), residual couplings are resolved by its dependency
 and the classifier keeps its outputs. The fraction is found by bisection so that the
 pruned model's dense MACs match a target, typically the mean MACs of a dynamic model.
 
-Torch-Pruning is optional: ``pip install 'ftwt[baselines]'``.
+Torch-Pruning is imported on first use (it is a dependency of ``ftwt``).
 """
 
 from __future__ import annotations
 
 import copy
 import logging
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -120,7 +121,7 @@ def _tp() -> Any:
         import torch_pruning
     except ImportError:
         raise ConfigError(
-            "static pruning needs Torch-Pruning, an optional dependency: pip install 'ftwt[baselines]'"
+            "static pruning needs Torch-Pruning, which is not installed: pip install torch-pruning"
         ) from None
     return torch_pruning
 
@@ -426,4 +427,34 @@ def static_for_reduction(
     return prune_to_macs(model, example_input, dense * (1.0 - reduction), importance=importance, round_to=round_to)
 
 
-__all__ = ["IMPORTANCES", "StaticPruned", "prune_to_macs", "static_for_reduction", "static_pruned"]
+def finetune(
+    model: nn.Module,
+    loader: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    epochs: int,
+    *,
+    lr: float = 0.01,
+    momentum: float = 0.9,
+    weight_decay: float = 5e-4,
+    device: torch.device | str = "cpu",
+) -> nn.Module:
+    """Fine-tune a statically pruned model the way FTWT fine-tunes its backbone.
+
+    SGD with the reference backbone settings (lr 0.01, momentum 0.9, weight decay 5e-4) and a
+    cosine schedule over ``epochs``, so that a static model and an FTWT model of the same
+    FLOPs get the same training budget before they are compared.
+    """
+    if epochs <= 0:
+        raise ConfigError(f"epochs must be positive, got {epochs}")
+    model.to(device).train()
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs)
+    for _ in range(epochs):
+        for x, y in loader:
+            opt.zero_grad(set_to_none=True)
+            F.cross_entropy(model(x.to(device)), y.to(device)).backward()
+            opt.step()
+        sched.step()
+    return model.eval()
+
+
+__all__ = ["IMPORTANCES", "StaticPruned", "finetune", "prune_to_macs", "static_for_reduction", "static_pruned"]

@@ -2,7 +2,8 @@
 
 On the embedded digits data (no download, no GPU): train a dense ResNet-20, estimate the
 FLOPs reduction a mass threshold ``r`` buys *before* training the gates, train FTWT gates
-from the dense model, and compare accuracy and honest FLOPs. Writes ``OUT/report.json``,
+from the dense model, and compare accuracy and honest FLOPs with the dense model and with
+a static model of the same FLOPs (Torch-Pruning, fine-tuned for as many epochs). Writes ``OUT/report.json``,
 ``OUT/accuracy_vs_flops.png`` and each run's own folder (``OUT/dense``, ``OUT/ftwt``).
 """
 
@@ -60,6 +61,28 @@ def _summary(report: dict[str, Any]) -> dict[str, Any]:
     return {k: report[k] for k in keys if k in report}
 
 
+def _static_yardstick(cfg: DemoConfig, dense_ckpt: Path, target_macs: float, dense_macs: float) -> dict[str, Any]:
+    """The bar a dynamic model has to clear: a static model of its FLOPs, trained as long."""
+    from ftwt.baselines import finetune, static_pruned
+    from ftwt.checkpoint import load_checkpoint, load_state_dict_into
+    from ftwt.data import DataConfig, build_loaders
+    from ftwt.evaluate import evaluate
+    from ftwt.flops import measure
+    from ftwt.models import get_model
+
+    torch.manual_seed(cfg.seed)
+    data = DataConfig(dataset="digits", image_size=cfg.image_size, train_subset=cfg.train_subset,
+                      batch_size=cfg.batch_size, workers=0)
+    train, val, info = build_loaders(data)
+    model = get_model(cfg.model, num_classes=info.num_classes)
+    load_state_dict_into(model, load_checkpoint(dense_ckpt)["model"])
+    example = torch.zeros(1, *info.input_size)
+    small = finetune(static_pruned(model, example, target_macs), train, cfg.ftwt_epochs)
+    macs = measure(small, [torch.ones(1, *info.input_size)]).dense_macs
+    return {"top1": evaluate(small, val, torch.device("cpu"))["top1"], "dense_macs": macs,
+            "flops_reduction": 1.0 - macs / dense_macs}
+
+
 def run_demo(config: DemoConfig | None = None) -> dict[str, Any]:
     """Dense training, FLOPs estimate, FTWT training and evaluation, end to end.
 
@@ -98,8 +121,12 @@ def _run(cfg: DemoConfig) -> dict[str, Any]:
     log.info("2/2 FTWT gates at r=%g from the dense model, %d epochs", cfg.threshold, cfg.ftwt_epochs)
     ftwt = Trainer(TrainConfig(init=str(out / "dense" / "last.pt"), threshold=cfg.threshold, epochs=cfg.ftwt_epochs,
                                calibrate=cfg.calibrate, calibrate_batches=8, out_dir=str(out / "ftwt"), **common)).fit()
+    log.info("yardstick: a static model of the same FLOPs (Torch-Pruning), fine-tuned for %d epochs", cfg.ftwt_epochs)
+    static = _static_yardstick(cfg, out / "dense" / "last.pt", ftwt["dynamic_macs"], dense["dense_macs"])
     points = [
         {"label": "dense", "top1": dense["top1"], "flops_reduction": 0.0, "kind": "dense"},
+        {"label": "static, same FLOPs", "top1": static["top1"], "flops_reduction": static["flops_reduction"],
+         "kind": "static"},
         {"label": f"FTWT r={cfg.threshold:g}", "top1": ftwt["top1"], "flops_reduction": ftwt["flops_reduction"],
          "kind": "ftwt"},
         {"label": f"estimate r={cfg.threshold:g}", "top1": None, "flops_reduction": ftwt["estimated_reduction"],
@@ -110,6 +137,7 @@ def _run(cfg: DemoConfig) -> dict[str, Any]:
         "config": asdict(cfg),
         "dense": _summary(dense),
         "ftwt": _summary(ftwt),
+        "static": static,
         "estimated_reduction": ftwt["estimated_reduction"],
         "achieved_reduction": ftwt["flops_reduction"],
         "accuracy_drop": dense["top1"] - ftwt["top1"],

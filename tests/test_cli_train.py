@@ -96,5 +96,8 @@ def test_demo_writes_report_and_plot(tmp_path, capsys):
     table = capsys.readouterr().out
     assert "dense" in table and "FTWT" in table and "estimate" in table
     report = json.loads((out / "report.json").read_text())
-    assert {"dense", "ftwt", "estimated_reduction", "achieved_reduction"} <= set(report)
+    assert {"dense", "ftwt", "static", "estimated_reduction", "achieved_reduction"} <= set(report)
+    # The static yardstick is pruned to the FTWT model's mean MACs.
+    assert report["static"]["dense_macs"] == pytest.approx(report["ftwt"]["dynamic_macs"], rel=0.1)
+    assert 0 <= report["static"]["top1"] <= 100
     assert (out / "accuracy_vs_flops.png").stat().st_size > 0

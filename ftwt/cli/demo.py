@@ -48,13 +48,15 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print_json(result)
         return 0
-    dense, ftwt = result["dense"], result["ftwt"]
+    dense, ftwt, static = result["dense"], result["ftwt"], result["static"]
     print_table([
         ("", "top-1     MACs/image   FLOPs reduction"),
         ("dense", f"{dense['top1']:6.2f}%  {dense['dense_macs'] / 1e6:7.2f}M     -"),
         (f"FTWT r={args.mass:g}", f"{ftwt['top1']:6.2f}%  {ftwt['dynamic_macs'] / 1e6:7.2f}M     "
                                   f"{ftwt['flops_reduction']:.1%} achieved (gates included)"),
         ("estimate", f"{'':7}   {'':8}     {result['estimated_reduction']:.1%} before training (perfect gates)"),
+        ("static", f"{static['top1']:6.2f}%  {static['dense_macs'] / 1e6:7.2f}M     "
+                   f"{static['flops_reduction']:.1%} (Torch-Pruning, same FLOPs, same fine-tuning)"),
         ("time", f"{result['total_seconds']:.0f} s"),
         ("written", f"{args.out}/report.json, {result['files']['plot']}"),
     ])
