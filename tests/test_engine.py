@@ -1,5 +1,6 @@
 """Sparse engine: same outputs as the gated model, exactly the honest multiply-adds, clear errors."""
 
+import copy
 import functools
 
 import pytest
@@ -23,6 +24,7 @@ from ftwt import (
 )
 from ftwt.data import DataConfig, build_datasets
 from ftwt.engine import SparseEngine, fold_bn
+from ftwt.surgery import detach_gates
 
 MODELS = list_models() + ["torchvision:resnet18", "torchvision:mobilenet_v2"]
 RTOL = 1e-4
@@ -220,3 +222,19 @@ def test_mask_before_batchnorm_is_refused():
     attach_gates(model, units=[UnitSpec(conv="0")]).eval()
     with pytest.raises(UnsupportedLayerError, match="0"):
         SparseEngine(model)
+
+
+@pytest.mark.parametrize("name", ["resnet56", "vgg16_bn"])
+def test_units_keeping_every_filter_run_the_full_weight_exactly(name):
+    # r = 1 keeps (almost) every filter: the full-weight channels-last kernel, the fused
+    # gate/liveness reduction and the small-map conv2d path must stay exact and honest.
+    model = _gated(get_model(name, num_classes=10), threshold=1.0)
+    engine = SparseEngine(model)
+    for x in (_digits(32, 2)[1:2], torch.randn(1, 3, 32, 32)):
+        macs, masks, ref = _honest_macs_without_pooling(model, x, "ground_truth")
+        assert _close(engine(x, masks=masks), ref)
+        assert _engine_macs(engine, x, masks) == macs
+        every = {k: torch.ones_like(m) for k, m in masks.items()}
+        with torch.no_grad():
+            dense = detach_gates(copy.deepcopy(model))(x)
+        assert _close(engine(x, masks=every), dense)

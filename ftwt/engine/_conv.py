@@ -24,6 +24,8 @@ from ftwt.gate import GatedUnit
 GEMM_MAX_POSITIONS = 4096
 # Up to this many positions they are the GEMM's rows rather than its columns.
 GEMM_ROWS_MAX_POSITIONS = 49
+# Up to this many weight values, a (filters, inputs) block is gathered one dimension at a time.
+_SMALL_WEIGHT = 65536
 _SEEN_SHAPES = 16  # shapes remembered per layer: oneDNN's kernel cache holds 1024 in all
 
 # In-place activations for a fresh conv output (the engine owns that buffer).
@@ -88,6 +90,8 @@ class SparseConv:
         # int32 row offsets: building the (|O|, |I|) gather index is 3x cheaper than in int64.
         self.row_base = torch.arange(self.c_out, dtype=torch.int32, device=weight.device) * self.in_per_group
         self.bias = bias
+        dense_kernel = self.groups == 1 and kk > 1 and self.padding_mode == "zeros" and weight.device.type == "cpu"
+        self.weight_cl = self.weight.contiguous(memory_format=torch.channels_last) if dense_kernel else None
         self._seen: set[tuple[int, ...]] = set()
         if unit is not None:
             fc = unit.gate.fc
@@ -120,7 +124,9 @@ class SparseConv:
     def _select(self, logits: Tensor, masks: dict[str, Tensor] | None) -> tuple[Tensor | None, Tensor, bool]:
         """Kept filters ``O`` (ascending; None for all), the ``(N, C_out)`` mask, and whether ``O`` holds extra filters."""
         if masks is not None and self.name in masks:
-            mask = masks[self.name].to(device=logits.device, dtype=torch.bool)
+            mask = masks[self.name]
+            if mask.dtype != torch.bool or mask.device != logits.device:
+                mask = mask.to(device=logits.device, dtype=torch.bool)
             if mask.shape != logits.shape:
                 raise ConfigError(f"masks[{self.name!r}] has shape {tuple(mask.shape)}, expected {tuple(logits.shape)}")
         else:
@@ -164,17 +170,29 @@ class SparseConv:
         n = x.shape[0]
         if inp is not None and inp.numel() == 0:
             return self._bias_only(out, n, hw, x)
-        kh, kw = self.kernel
         if inp is None and out is None and self.groups == 1:
+            return self._compute(x, self.weight, self.bias, hw)
+        w, b = self._gather(inp, out)
+        return self._compute(x, w, b, hw)
+
+    def _gather(self, inp: Tensor | None, out: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        """Weight block ``W[out][:, inp]`` and bias ``b[out]`` (None: all)."""
+        kh, kw = self.kernel
+        if inp is None and out is None:
             w, b = self.weight, self.bias
         elif inp is None:
             w, b = self.weight.index_select(0, out), self.bias.index_select(0, out) if self.bias is not None else None
+        elif out is None or self.weight.numel() <= _SMALL_WEIGHT:
+            # Small weights (ResNet-56) or all filters: per-dimension gathers beat building a row index.
+            w = self.weight if out is None else self.weight.index_select(0, out)
+            w = w.index_select(1, inp)
+            b = self.bias if self.bias is None or out is None else self.bias.index_select(0, out)
         else:
-            base = self.row_base if out is None else self.row_base.index_select(0, out)
+            base = self.row_base.index_select(0, out)
             rows = torch.add(base[:, None], inp.to(torch.int32)).view(-1)
             w = self.rows.index_select(0, rows).view(base.numel(), inp.numel(), kh, kw)
             b = self.bias if self.bias is None or out is None else self.bias.index_select(0, out)
-        return self._compute(x, w, b, hw)
+        return w, b
 
     def _compute(self, x: Tensor, w: Tensor, b: Tensor | None, hw: tuple[int, int]) -> Tensor:
         """``conv2d(x, w, b)`` (stride, padding and dilation of this layer) by the fastest CPU kernel for its shape."""
@@ -187,7 +205,13 @@ class SparseConv:
             xs = x if sh == sw == 1 else x[:, :, ::sh, ::sw]
             cols = xs.reshape(cin, rows) if n == 1 else xs.transpose(0, 1).reshape(cin, rows)
             return self._gemm(cols, w.reshape(o, cin), b, n, hw)
-        if rows > GEMM_MAX_POSITIONS or (rows > GEMM_ROWS_MAX_POSITIONS and self._cached_in_onednn(x, o)):
+        if w is self.weight and self.weight_cl is not None and rows > GEMM_ROWS_MAX_POSITIONS:
+            # Every filter from every input: one fixed shape, so oneDNN compiles its kernel once;
+            # in channels-last it runs 1.2-1.4x faster than NCHW conv2d or im2col + GEMM. The
+            # output stays channels-last; later ops read it through its strides.
+            x = x.contiguous(memory_format=torch.channels_last)
+            return F.conv2d(x, self.weight_cl, b, self.stride, self.padding, self.dilation)
+        if rows > GEMM_MAX_POSITIONS or (rows > GEMM_ROWS_MAX_POSITIONS and self._conv2d_is_cheap(x, o)):
             if self.padding_mode == "zeros":
                 return F.conv2d(x, w, b, self.stride, self.padding, self.dilation)
             return F.conv2d(self._pad(x), w, b, self.stride, 0, self.dilation)
@@ -207,16 +231,22 @@ class SparseConv:
             y += b[:, None]  # addmm would copy the bias to every position, unvectorized
         return y.view(o, n, *hw).transpose(0, 1) if n > 1 else y.view(1, o, *hw)
 
-    def _cached_in_onednn(self, x: Tensor, out: int) -> bool:
-        """Whether ``conv2d`` goes to oneDNN and this shape was seen before, so its kernel is compiled.
+    def _conv2d_is_cheap(self, x: Tensor, out: int) -> bool:
+        """Whether ``conv2d`` needs no new kernel for this shape: PyTorch's own im2col + GEMM, or a seen oneDNN shape.
 
-        oneDNN JIT-compiles a kernel per new shape (~0.5 ms), which a sparse layer meets at
-        almost every call unless its masks repeat; a repeated shape runs 1.1-1.5x faster
-        through oneDNN than through im2col + MKL's GEMM.
+        Below PyTorch's oneDNN threshold ``conv2d`` is its slow path (im2col + the same MKL
+        GEMM) with padding and bias fused, which saves our pad, copy and bias ops on tiny
+        layers (ResNet-56). oneDNN JIT-compiles a kernel per new shape (~0.5 ms), which a
+        sparse layer meets at almost every call unless its masks repeat; a repeated shape
+        runs 1.1-1.5x faster through oneDNN than through im2col + MKL's GEMM.
         """
         kh, kw = self.kernel
         if not (x.numel() > 20480 or min(kh, kw) > 3):  # PyTorch's rule for oneDNN at batch 1
-            return False
+            return x.shape[0] == 1 and self.groups == 1
+        return self._seen_before(x, out)
+
+    def _seen_before(self, x: Tensor, out: int) -> bool:
+        """Whether this layer met this input shape and filter count before (remembering up to ``_SEEN_SHAPES``)."""
         key = (*x.shape, out)
         if key in self._seen:
             return True
@@ -268,12 +298,38 @@ class SparseConv:
             return x.data.new_zeros((x.data.shape[0], 0, *hw))
         return torch.cat(pieces, 1)
 
+    def _gate_and_trim(self, x: Compact) -> tuple[Compact, Tensor]:
+        """Gate logits and the live input channels from one reduction (non-negative 4-D input, ``pool = 1``).
+
+        For values >= 0 a channel's sum is zero exactly when the channel is all zero (the sum
+        is at least its largest term), and ``sum / (H*W)`` is how ``adaptive_avg_pool2d``
+        computes the mean, so one ``sum`` serves both the liveness test and the gate.
+        """
+        data = x.data
+        sums = data.sum((2, 3))  # (N, k)
+        live = sums[0] != 0 if data.shape[0] == 1 else (sums != 0).any(0)
+        pooled = sums.div_(data.shape[2] * data.shape[3])
+        if x.idx is not None:
+            pooled = pooled.new_zeros((pooled.shape[0], self.c_in)).index_copy_(1, x.idx, pooled)
+        if self.gate_softmax:
+            pooled = pooled.softmax(dim=1)
+        logits = F.linear(pooled, self.gate_w, self.gate_b)
+        if not bool(live.all()):
+            keep = live.nonzero().squeeze(1)
+            idx = keep if x.idx is None else x.idx.index_select(0, keep)
+            x = Compact(data.index_select(1, keep), idx, x.channels, x.nonneg)
+        return x, logits
+
     def __call__(self, x: Compact, masks: dict[str, Tensor] | None = None) -> Compact:
-        if self.trim_inputs:
-            x = live_channels(x)
         out, mask, extra = None, None, False
-        if self.unit is not None:
-            out, mask, extra = self._select(self.gate(x), masks)
+        if self.unit is not None and self.trim_inputs and self.gate_pool == 1 and x.nonneg and x.data.dim() == 4 and x.data.shape[1]:
+            x, logits = self._gate_and_trim(x)
+            out, mask, extra = self._select(logits, masks)
+        else:
+            if self.trim_inputs:
+                x = live_channels(x)
+            if self.unit is not None:
+                out, mask, extra = self._select(self.gate(x), masks)
         hw = self._out_hw(*x.data.shape[2:])
         n = x.data.shape[0]
         if out is not None and out.numel() == 0:
