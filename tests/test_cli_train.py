@@ -13,13 +13,7 @@ TINY = ["--model", "resnet20", "--image-size", "8", "--train-subset", "64", "--v
         "--batch-size", "16", "--workers", "0", "--no-progress", "--device", "cpu", "--epochs", "1"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny models gain nothing from a second thread, and other test suites share the cores
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

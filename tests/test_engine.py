@@ -30,13 +30,7 @@ MODELS = list_models() + ["torchvision:resnet18", "torchvision:mobilenet_v2"]
 RTOL = 1e-4
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Batch-1 sparse layers are tiny; two threads on a shared CI core only add contention.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _size(name: str) -> int:
@@ -107,17 +101,21 @@ def test_union_batches_and_rounding_keep_outputs(name):
     assert _close(SparseEngine(model, round_to=8, batch="union")(x), ref)
 
 
-@pytest.mark.parametrize("name,exclude", [("resnet20", ["layer2.*"]), ("torchvision:resnet18", ["*downsample*", "conv1"])])
-def test_convs_without_gates_compute_every_filter_from_live_inputs(name, exclude):
-    model = attach_gates(randomize_bn(get_model(name, num_classes=10)), exclude=exclude).eval()
+def _assert_exact(model, x):
+    """The engine equals the gated model on a batch, and on one sample does exactly its honest MACs."""
     engine = SparseEngine(model)
-    x = torch.randn(2, 3, _size(name), _size(name))
     with torch.no_grad():
         ref = model(x)
     assert _close(engine(x), ref)
     macs, _, ref1 = _honest_macs_without_pooling(model, x[:1], "gate")
     assert _close(engine(x[:1]), ref1)
     assert _engine_macs(engine, x[:1]) == macs
+
+
+@pytest.mark.parametrize("name,exclude", [("resnet20", ["layer2.*"]), ("torchvision:resnet18", ["*downsample*", "conv1"])])
+def test_convs_without_gates_compute_every_filter_from_live_inputs(name, exclude):
+    model = attach_gates(randomize_bn(get_model(name, num_classes=10)), exclude=exclude).eval()
+    _assert_exact(model, torch.randn(2, 3, _size(name), _size(name)))
 
 
 def test_empty_and_full_masks_and_a_dead_input_channel():
@@ -188,14 +186,7 @@ class _Odd(nn.Module):
 
 def test_unusual_ops_widen_or_stay_compact_correctly():
     model = _gated(_Odd())
-    engine = SparseEngine(model)
-    x = torch.randn(3, 3, 12, 12)
-    with torch.no_grad():
-        ref = model(x)
-    assert _close(engine(x), ref)
-    macs, _, ref1 = _honest_macs_without_pooling(model, x[:1], "gate")
-    assert _close(engine(x[:1]), ref1)
-    assert _engine_macs(engine, x[:1]) == macs
+    _assert_exact(model, torch.randn(3, 3, 12, 12))
 
 
 def test_bad_input_raises():

@@ -25,13 +25,7 @@ TINY_ARGS = ["--model", "resnet20", "--image-size", "8", "--train-subset", "64",
 REPORT_KEYS = {"top1", "dense_macs", "dynamic_macs", "flops_reduction", "per_layer", "estimated_reduction"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny models gain nothing from a second thread, and other test suites share the cores
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _lines(path: Path) -> list[dict]:
