@@ -38,9 +38,9 @@ def _as_compact(value: Any) -> Any:
 class Plan:
     """The compiled forward: ``steps`` run in order over a list of ``slots`` values."""
 
-    def __init__(self, gm: torch.fx.GraphModule, units: dict[str, GatedUnit], round_to: int) -> None:
+    def __init__(self, gm: torch.fx.GraphModule, units: dict[str, GatedUnit], round_to: int, native: bool = False) -> None:
         self.modules = dict(gm.named_modules())
-        self.units, self.round_to = units, round_to
+        self.units, self.round_to, self.native = units, round_to, native
         self.slot: dict[torch.fx.Node, int] = {}
         self.steps: list[tuple[Step, tuple[int, ...]]] = []
         self.convs: dict[str, SparseConv] = {}
@@ -140,7 +140,7 @@ class Plan:
         if len(after) == 1 and after[0].args and after[0].args[0] is tail:
             act = fusable_act(after[0], self.modules)
         key = name if name not in self.convs else f"{name}@{node.name}"
-        sparse = SparseConv(name, conv, bn, unit, act, self.round_to, trim_inputs=self.round_to == 1)
+        sparse = SparseConv(name, conv, bn, unit, act, self.round_to, trim_inputs=self.round_to == 1, native=self.native)
         self.convs[key] = sparse
         src = self._generic_args(node.args[0])
         dst = self._new_slot(node)

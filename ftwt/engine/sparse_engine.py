@@ -7,6 +7,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ftwt.engine import _native
 from ftwt.engine._compact import Compact, widen
 from ftwt.engine._plan import Plan
 from ftwt.errors import ConfigError, UnsupportedLayerError
@@ -38,10 +39,16 @@ class SparseEngine:
             VGG16-BN 32x32 r=0.85, batch 3: 30 / 42 / 32, batch 8: 60 / 110 / 71; ResNet-18
             224x224 r=0.72, batch 4: 185 / 151 / 196. Union wins for small inputs, where
             per-call overhead dominates; loop for large ones.
+        kernel: ``"auto"`` (default): on CPU, layers with small maps use a fused native
+            gather + product kernel, compiled on first use (C++ compiler and ``ninja``,
+            ~30 s once, cached), or PyTorch's ops with a warning where it cannot be built;
+            ``"native"``: the same, but fail if it cannot be built; ``"torch"``: PyTorch's
+            ops only. Outputs and multiply-adds are the same either way.
 
     Raises:
         ConfigError: the model has no gates, is in training mode, or an option is invalid.
         UnsupportedLayerError: the model cannot be traced, or a gated unit cannot be compiled.
+        DeviceError: ``kernel="native"`` and the native kernel cannot be built.
 
     Example:
         >>> model = attach_gates(resnet56(), GateConfig(threshold=0.9)).eval()
@@ -50,7 +57,7 @@ class SparseEngine:
         True
     """
 
-    def __init__(self, model: nn.Module, *, round_to: int = 1, batch: str = "loop") -> None:
+    def __init__(self, model: nn.Module, *, round_to: int = 1, batch: str = "loop", kernel: str = "auto") -> None:
         if not is_gated(model):
             raise ConfigError("SparseEngine needs a gated model; call ftwt.attach_gates(model) first")
         if model.training:
@@ -59,14 +66,18 @@ class SparseEngine:
             raise ConfigError(f"round_to must be a positive integer, got {round_to!r}")
         if batch not in BATCH_MODES:
             raise ConfigError(f"unknown batch mode {batch!r}; choose from {list(BATCH_MODES)}")
-        self.round_to, self.batch = round_to, batch
+        if kernel not in _native.KERNELS:
+            raise ConfigError(f"unknown kernel {kernel!r}; choose from {list(_native.KERNELS)}")
+        self.round_to, self.batch, self.kernel = round_to, batch, kernel
+        on_cpu = all(p.device.type == "cpu" for p in model.parameters())
+        self.native = on_cpu and _native.available(kernel)
         units = {u.name: u for u in gated_units(model)}
         try:
             gm = torch.fx.symbolic_trace(model)
         except Exception as exc:  # fx raises many types for untraceable Python
             raise UnsupportedLayerError(f"could not trace {type(model).__name__} with torch.fx: {exc}") from exc
         with torch.no_grad():
-            self.plan = Plan(gm, units, round_to)
+            self.plan = Plan(gm, units, round_to, native=self.native)
         if len(self.plan.inputs) != 1:
             raise UnsupportedLayerError(f"the engine runs models with one input, {type(model).__name__} has {len(self.plan.inputs)}")
         self.unit_names = frozenset(units)

@@ -1,0 +1,190 @@
+// Native CPU kernels of the sparse engine (float32), registered as operators in the ftwt
+// namespace so that PyTorch's FlopCounterMode counts them (see _native.py).
+//
+// ftwt::gather_mm, a fused gather + matrix product:
+//
+//   y[j, p] = bias[O[j]] + sum_a sum_t weight[O[j], I[a] * taps + t] * cols[a * taps + t, p]
+//
+// computes the kept filters O of a convolution from its live input channels I without
+// first copying the weight block W[O][:, I] out: each output row streams the chunks of its
+// weight row that it needs. For layers with few output positions the weight traffic is the
+// cost, and the copy that a gather + GEMM makes reads and writes that block once more.
+
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+#include <torch/types.h>
+
+#include <cstring>
+#include <tuple>
+#include <vector>
+
+namespace {
+
+typedef float v16 __attribute__((vector_size(64)));
+typedef float v8 __attribute__((vector_size(32)));
+typedef float v4 __attribute__((vector_size(16)));
+
+template <typename V>
+inline V load(const float* p) {
+  V v;
+  std::memcpy(&v, p, sizeof(V));
+  return v;
+}
+
+template <typename V>
+inline void store(float* p, V v) {
+  std::memcpy(p, &v, sizeof(V));
+}
+
+// JB output rows times NV vectors of positions, accumulated in registers over every (input, tap).
+template <int JB, typename V, int NV>
+inline void tile(const float* const* rows, const int64_t* __restrict in_off, int64_t n_in, int64_t taps,
+                 const float* __restrict cols, int64_t positions, int64_t p0, const float* bias, float* __restrict y) {
+  constexpr int W = sizeof(V) / sizeof(float);
+  V acc[JB][NV];
+  for (int j = 0; j < JB; ++j)
+    for (int v = 0; v < NV; ++v) acc[j][v] = V{} + bias[j];
+  for (int64_t a = 0; a < n_in; ++a) {
+    const int64_t off = in_off[a];
+    const float* c = cols + a * taps * positions + p0;
+    for (int64_t t = 0; t < taps; ++t, c += positions) {
+      V cv[NV];
+      for (int v = 0; v < NV; ++v) cv[v] = load<V>(c + W * v);
+      for (int j = 0; j < JB; ++j) {
+        const float w = rows[j][off + t];
+        for (int v = 0; v < NV; ++v) acc[j][v] += w * cv[v];
+      }
+    }
+  }
+  for (int j = 0; j < JB; ++j)
+    for (int v = 0; v < NV; ++v) store<V>(y + j * positions + p0 + W * v, acc[j][v]);
+}
+
+// One scalar position (the remainder after the vector tiles).
+template <int JB>
+inline void tile1(const float* const* rows, const int64_t* __restrict in_off, int64_t n_in, int64_t taps,
+                  const float* __restrict cols, int64_t positions, int64_t p, const float* bias, float* __restrict y) {
+  float acc[JB];
+  for (int j = 0; j < JB; ++j) acc[j] = bias[j];
+  for (int64_t a = 0; a < n_in; ++a) {
+    const int64_t off = in_off[a];
+    const float* c = cols + a * taps * positions + p;
+    for (int64_t t = 0; t < taps; ++t, c += positions)
+      for (int j = 0; j < JB; ++j) acc[j] += rows[j][off + t] * *c;
+  }
+  for (int j = 0; j < JB; ++j) y[j * positions + p] = acc[j];
+}
+
+template <int JB>
+void block(const float* const* rows, const int64_t* in_off, int64_t n_in, int64_t taps, const float* cols,
+           int64_t positions, const float* bias, float* y) {
+  int64_t p = 0;
+  for (; p + 32 <= positions; p += 32) tile<JB, v16, 2>(rows, in_off, n_in, taps, cols, positions, p, bias, y);
+  for (; p + 16 <= positions; p += 16) tile<JB, v16, 1>(rows, in_off, n_in, taps, cols, positions, p, bias, y);
+  for (; p + 8 <= positions; p += 8) tile<JB, v8, 1>(rows, in_off, n_in, taps, cols, positions, p, bias, y);
+  for (; p + 4 <= positions; p += 4) tile<JB, v4, 1>(rows, in_off, n_in, taps, cols, positions, p, bias, y);
+  for (; p < positions; ++p) tile1<JB>(rows, in_off, n_in, taps, cols, positions, p, bias, y);
+}
+
+at::Tensor gather_mm(const at::Tensor& weight, const at::Tensor& cols, const at::Tensor& out_idx,
+                     const at::Tensor& in_idx, int64_t taps, const std::optional<at::Tensor>& bias) {
+  TORCH_CHECK(weight.dim() == 2 && cols.dim() == 2 && out_idx.dim() == 1 && in_idx.dim() == 1,
+              "gather_mm: expected a 2-D weight and cols and 1-D indices");
+  TORCH_CHECK(weight.scalar_type() == at::kFloat && cols.scalar_type() == at::kFloat, "gather_mm: float32 only");
+  TORCH_CHECK(out_idx.scalar_type() == at::kLong && in_idx.scalar_type() == at::kLong, "gather_mm: int64 indices");
+  TORCH_CHECK(weight.is_contiguous() && cols.is_contiguous(), "gather_mm: contiguous weight and cols");
+  TORCH_CHECK(taps >= 1 && cols.size(0) == in_idx.size(0) * taps, "gather_mm: cols must have |I| * taps rows");
+  const int64_t n_out = out_idx.size(0), n_in = in_idx.size(0), positions = cols.size(1), row = weight.size(1);
+  at::Tensor y = at::empty({n_out, positions}, cols.options());
+  if (n_out == 0 || positions == 0) return y;
+  const at::Tensor in_off = (in_idx * taps).contiguous();
+  const at::Tensor outs = out_idx.contiguous();
+  const int64_t* o = outs.data_ptr<int64_t>();
+  const int64_t* in = in_off.data_ptr<int64_t>();
+  for (int64_t a = 0; a < n_in; ++a)
+    TORCH_CHECK(in[a] >= 0 && in[a] + taps <= row, "gather_mm: input index out of range");
+  for (int64_t j = 0; j < n_out; ++j)
+    TORCH_CHECK(o[j] >= 0 && o[j] < weight.size(0), "gather_mm: output index out of range");
+  at::Tensor b;
+  if (bias.has_value() && bias->defined()) {
+    TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->dim() == 1 && bias->size(0) == weight.size(0),
+                "gather_mm: bias must be float32 (C_out,)");
+    b = bias->contiguous();
+  }
+  const float* w = weight.data_ptr<float>();
+  const float* c = cols.data_ptr<float>();
+  const float* bp = b.defined() ? b.data_ptr<float>() : nullptr;
+  float* yp = y.data_ptr<float>();
+  constexpr int JB = 8;  // output rows per tile: 8 x 16 positions fill 16 vector registers
+  const int64_t tiles = (n_out + JB - 1) / JB;
+  at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
+    const float* rows[JB];
+    float bj[JB];
+    for (int64_t k = begin; k < end; ++k) {
+      const int64_t j0 = k * JB, nj = std::min<int64_t>(JB, n_out - j0);
+      for (int j = 0; j < JB; ++j) {
+        const int64_t jj = j0 + std::min<int64_t>(j, nj - 1);  // a short last tile repeats its last row
+        rows[j] = w + o[jj] * row;
+        bj[j] = bp ? bp[o[jj]] : 0.f;
+      }
+      if (nj == JB) {
+        block<JB>(rows, in, n_in, taps, c, positions, bj, yp + j0 * positions);
+      } else {
+        for (int64_t j = 0; j < nj; ++j)
+          block<1>(rows + j, in, n_in, taps, c, positions, bj + j, yp + (j0 + j) * positions);
+      }
+    }
+  });
+  return y;
+}
+
+// A gate with pool 1 on one sample's compact, non-negative input, and the input's live channels.
+//
+// data: (1, k, H, W), the stored channels idx (k,) of a c_in-wide input, every value >= 0.
+// A channel's sum is 0 exactly when the channel is all zero, and sum / (H * W) is the mean
+// that adaptive_avg_pool2d gives the gate, so one reduction serves both. Returns the gate's
+// logits (1, C_out), the filters it keeps (sigmoid(logit) > decision, ascending) and the
+// positions in data of the live channels (ascending); what the Python engine computes in
+// ten small ops, in one call.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> gate_live(const at::Tensor& data, const at::Tensor& idx, int64_t c_in,
+                                                         const at::Tensor& gate_w, const std::optional<at::Tensor>& gate_b,
+                                                         bool softmax, double decision) {
+  TORCH_CHECK(data.dim() == 4 && data.size(0) == 1, "gate_live: one (1, k, H, W) sample");
+  TORCH_CHECK(data.scalar_type() == at::kFloat && gate_w.scalar_type() == at::kFloat, "gate_live: float32 only");
+  TORCH_CHECK(idx.scalar_type() == at::kLong && idx.dim() == 1 && idx.size(0) == data.size(1), "gate_live: int64 idx of k channels");
+  TORCH_CHECK(gate_w.dim() == 2 && gate_w.size(1) == c_in, "gate_live: gate weight must be (C_out, c_in)");
+  const int64_t k = data.size(1);
+  const at::Tensor sums = data.sum({2, 3}).contiguous();
+  const at::Tensor ids = idx.contiguous();
+  const float* s = sums.data_ptr<float>();
+  const int64_t* id = ids.data_ptr<int64_t>();
+  const float area = static_cast<float>(data.size(2) * data.size(3));
+  at::Tensor pooled = at::zeros({1, c_in}, data.options());
+  float* z = pooled.data_ptr<float>();
+  std::vector<int64_t> live;
+  live.reserve(k);
+  for (int64_t a = 0; a < k; ++a) {
+    TORCH_CHECK(id[a] >= 0 && id[a] < c_in, "gate_live: channel index out of range");
+    z[id[a]] = s[a] / area;  // the same float32 quotient as sums / (H * W)
+    if (s[a] != 0.0f) live.push_back(a);  // NaN != 0: a NaN channel stays, as in the model
+  }
+  if (softmax) pooled = pooled.softmax(1);
+  const at::Tensor logits = at::linear(pooled, gate_w, gate_b);
+  const at::Tensor keep = logits.sigmoid().gt(decision).view(-1).nonzero().view(-1);
+  at::Tensor live_pos = at::empty({static_cast<int64_t>(live.size())}, ids.options());
+  std::memcpy(live_pos.data_ptr<int64_t>(), live.data(), live.size() * sizeof(int64_t));
+  return {logits, keep, live_pos};
+}
+
+}  // namespace
+
+TORCH_LIBRARY(ftwt, m) {
+  m.def("gather_mm(Tensor weight, Tensor cols, Tensor out_idx, Tensor in_idx, int taps, Tensor? bias) -> Tensor");
+  m.def("gate_live(Tensor data, Tensor idx, int c_in, Tensor gate_w, Tensor? gate_b, bool softmax, float decision)"
+        " -> (Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(ftwt, CPU, m) {
+  m.impl("gather_mm", &gather_mm);
+  m.impl("gate_live", &gate_live);
+}
