@@ -55,6 +55,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--samples", type=int, default=None, help="digits samples to cycle over (default 16, quick 4)")
     p.add_argument("--min-run-time", type=float, default=None, help="seconds per timing (default 0.5, quick 0.05)")
     p.add_argument("--round-to", type=int, default=1, help="engine: round active channel counts to a multiple")
+    p.add_argument("--kernel", default="auto", choices=("auto", "native", "torch"), help="engine kernels")
     p.add_argument("--device", default="cpu")
     p.add_argument("--seed", type=int, default=0, help="seed of the untrained weights (masks depend on them)")
     p.add_argument("--quick", action="store_true", help="smoke run: small models, one threshold, short timings")
@@ -119,7 +120,7 @@ def main(args: argparse.Namespace) -> int:
                 res = benchmark(
                     model, inputs, masks="ground_truth", batch_size=args.batch_size, threads=t, device=device,
                     round_to=args.round_to, min_run_time=min_run_time, warmup=1 if args.quick else 3,
-                    static_model=static,
+                    static_model=static, kernel=args.kernel,
                 )
                 rows.append(_row(label, r, res))
                 if res["engine_rel_diff"] > 1e-4:

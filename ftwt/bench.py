@@ -138,6 +138,7 @@ def benchmark(
     warmup: int = 3,
     importance: str = "l1",
     static_model: nn.Module | None = None,
+    kernel: str = "auto",
 ) -> dict[str, Any]:
     """Time dense, masked, sparse-engine and static-pruned inference of a gated model.
 
@@ -156,6 +157,7 @@ def benchmark(
         warmup: untimed calls per variant.
         importance: channel ranking of the static model (see :mod:`ftwt.baselines`).
         static_model: a static model to time instead of pruning one to the dynamic MACs.
+        kernel: the engine's kernels (see :class:`ftwt.engine.SparseEngine`).
 
     Returns:
         A flat dict: ``dense_ms``, ``masked_ms``, ``engine_ms``, ``static_ms`` (median ms
@@ -165,7 +167,8 @@ def benchmark(
         ``static_speedup``, ``engine_vs_static`` (engine / static time),
         ``realized_fraction`` (speedup / ideal speedup), ``engine_max_abs_diff`` and
         ``engine_rel_diff`` (engine against the masked model's logits, on the first batch;
-        relative to the largest logit), and the setting: ``masks``, ``samples``,
+        relative to the largest logit), ``engine_kernels`` (``"native"`` or ``"torch"``: what
+        the engine ran), and the setting: ``masks``, ``samples``,
         ``batch_size``, ``threads``, ``device``, ``machine``.
 
     Raises:
@@ -197,7 +200,7 @@ def benchmark(
         with mask_source(model, masks):
             flops = measure(model, batches)
         replay = collect_masks(model, batches) if masks == "ground_truth" else [None] * len(batches)
-        engine = SparseEngine(model, round_to=round_to)
+        engine = SparseEngine(model, round_to=round_to, kernel=kernel)
 
         with torch.no_grad():
             with mask_source(model, masks):
@@ -242,6 +245,7 @@ def benchmark(
         "realized_fraction": speedup / ideal,
         "engine_max_abs_diff": diff,
         "engine_rel_diff": rel_diff,
+        "engine_kernels": "native" if engine.native else "torch",
         "masks": masks,
         "samples": n,
         "batch_size": batch_size,

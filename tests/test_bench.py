@@ -159,10 +159,11 @@ def test_bench_checkpoint_json(capsys, tmp_path):
     ckpt = tmp_path / "gated.pt"
     _gated_checkpoint(ckpt)
     code, out, _ = run(capsys, "bench", "--checkpoint", str(ckpt), "--samples", "2", "--threads", "1",
-                       "--min-run-time", "0.02", "--json")
+                       "--min-run-time", "0.02", "--kernel", "torch", "--json")
     assert code == 0
     data = json.loads(out)
     assert data["model"] == "resnet20" and data["masks"] == "gate" and data["dataset"] == "digits"
+    assert data["engine_kernels"] == "torch"
     assert all(data[k] > 0 for k in (*TIMING_KEYS, "ideal_speedup", "speedup"))
     assert data["engine_rel_diff"] < 1e-4
 

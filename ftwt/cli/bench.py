@@ -55,6 +55,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     timing.add_argument("--device", default="cpu", help="cpu or cuda")
     timing.add_argument("--round-to", type=positive(int), default=1,
                         help="engine: round active channel counts up to a multiple of K")
+    timing.add_argument("--kernel", default="auto", choices=("auto", "native", "torch"),
+                        help="engine kernels: native (fused, compiled once), torch (PyTorch ops), or auto")
     timing.add_argument("--min-run-time", type=float, default=1.0, help="seconds of timing per variant, at least")
     timing.add_argument("--importance", default="l1", choices=("l1", "l2", "random"),
                         help="channel ranking of the static model")
@@ -104,7 +106,7 @@ def run(args: argparse.Namespace) -> int:
     inputs = torch.stack([val[i][0] for i in range(len(val))])
     result = benchmark(
         model, inputs, masks=masks, batch_size=args.batch_size, threads=args.threads, device=device,
-        round_to=args.round_to, min_run_time=args.min_run_time, importance=args.importance,
+        round_to=args.round_to, min_run_time=args.min_run_time, importance=args.importance, kernel=args.kernel,
     )
     out = {"model": name, "checkpoint": args.checkpoint, "mass": args.mass, "dataset": info.name, **result}
     if args.json:
@@ -125,8 +127,8 @@ def _rows(out: dict[str, Any]) -> list[tuple[str, str]]:
                  f"({out['flops_reduction']:.1%} reduction), static {out['static_macs'] / 1e6:.2f}M"),
         ("dense_ms", f"{out['dense_ms']:.3f}"),
         ("masked_ms", f"{out['masked_ms']:.3f} ({out['masked_speedup']:.2f}x)"),
-        ("engine_ms", f"{out['engine_ms']:.3f} (logits vs masked: max |diff| {out['engine_max_abs_diff']:.1e}, "
-                      f"relative {out['engine_rel_diff']:.1e})"),
+        ("engine_ms", f"{out['engine_ms']:.3f} ({out['engine_kernels']} kernels; logits vs masked: max |diff| "
+                      f"{out['engine_max_abs_diff']:.1e}, relative {out['engine_rel_diff']:.1e})"),
         ("static_ms", f"{out['static_ms']:.3f} ({out['static_speedup']:.2f}x)"),
         ("ideal_speedup", f"{out['ideal_speedup']:.2f}x (dense / dynamic MACs)"),
         ("speedup", f"{out['speedup']:.2f}x (dense / engine; {out['realized_fraction']:.0%} of ideal)"),

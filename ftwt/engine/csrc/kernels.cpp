@@ -138,6 +138,33 @@ at::Tensor gather_mm(const at::Tensor& weight, const at::Tensor& cols, const at:
   return y;
 }
 
+// y (1, C_out) = w (C_out, c_in) z (1, c_in) + b. The gate's weight is read once per sample
+// and used once, so this is bound by memory: split the rows over the intra-op threads
+// (one-row products do not parallelize inside the BLAS).
+at::Tensor gemv(const at::Tensor& w, const at::Tensor& z, const std::optional<at::Tensor>& b) {
+  const int64_t n_out = w.size(0), n_in = w.size(1);
+  at::Tensor y = at::empty({1, n_out}, z.options());
+  at::Tensor bias;
+  if (b.has_value() && b->defined()) bias = b->contiguous();
+  const float* wp = w.data_ptr<float>();
+  const float* zp = z.data_ptr<float>();
+  const float* bp = bias.defined() ? bias.data_ptr<float>() : nullptr;
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, n_out, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t o = begin; o < end; ++o) {
+      const float* row = wp + o * n_in;
+      v8 acc{};
+      int64_t i = 0;
+      for (; i + 8 <= n_in; i += 8) acc += load<v8>(row + i) * load<v8>(zp + i);
+      float sum = 0.f;
+      for (int k = 0; k < 8; ++k) sum += acc[k];
+      for (; i < n_in; ++i) sum += row[i] * zp[i];
+      yp[o] = bp ? sum + bp[o] : sum;
+    }
+  });
+  return y;
+}
+
 // A gate with pool 1 on one sample's compact, non-negative input, and the input's live channels.
 //
 // data: (1, k, H, W), the stored channels idx (k,) of a c_in-wide input, every value >= 0.
@@ -169,7 +196,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gate_live(const at::Tensor& data,
     if (s[a] != 0.0f) live.push_back(a);  // NaN != 0: a NaN channel stays, as in the model
   }
   if (softmax) pooled = pooled.softmax(1);
-  const at::Tensor logits = at::linear(pooled, gate_w, gate_b);
+  const at::Tensor logits = gemv(gate_w.contiguous(), pooled, gate_b);
   const at::Tensor keep = logits.sigmoid().gt(decision).view(-1).nonzero().view(-1);
   at::Tensor live_pos = at::empty({static_cast<int64_t>(live.size())}, ids.options());
   std::memcpy(live_pos.data_ptr<int64_t>(), live.data(), live.size() * sizeof(int64_t));

@@ -1,0 +1,115 @@
+"""The engine's native kernels: the same numbers as PyTorch's ops, and a clean fallback without them."""
+
+import logging
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import randomize_bn
+from torch.utils.flop_counter import FlopCounterMode
+
+from ftwt import ConfigError, DeviceError, GateConfig, attach_gates, get_model
+from ftwt.engine import SparseEngine, _native
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _native_or_skip() -> None:
+    # CI sets FTWT_REQUIRE_NATIVE=1: there a kernel that fails to build is a failure, not a skip.
+    if os.environ.get("FTWT_REQUIRE_NATIVE") == "1":
+        assert _native.available("native")
+    elif not _native.available("auto"):
+        pytest.skip("the native kernels cannot be built here (no C++ compiler or ninja)")
+
+
+def _reference(w, cols, outs, ins, taps, bias):
+    block = w.view(w.shape[0], -1, taps)[outs][:, ins].reshape(len(outs), -1)
+    y = block @ cols
+    return y if bias is None else y + bias[outs, None]
+
+
+@pytest.mark.parametrize("taps", [1, 9])
+@pytest.mark.parametrize("positions", [1, 3, 4, 7, 8, 17, 33, 70])
+def test_gather_mm_equals_gather_then_matmul(taps, positions):
+    _native_or_skip()
+    g = torch.Generator().manual_seed(positions * taps)
+    w = torch.randn(21, 13 * taps, generator=g)
+    outs = torch.randperm(21, generator=g)[:11].sort().values  # a short last tile of rows
+    ins = torch.randperm(13, generator=g)[:6]  # any order: cols follow it
+    cols = torch.randn(6 * taps, positions, generator=g)
+    bias = torch.randn(21, generator=g)
+    for b in (None, bias):
+        got = _native.gather_mm(w, cols, outs, ins, taps, b)
+        assert torch.allclose(got, _reference(w, cols, outs, ins, taps, b), rtol=1e-5, atol=1e-5)
+    # Counted as a matrix product of the block: 2 flops per multiply-add.
+    counter = FlopCounterMode(display=False)
+    with counter:
+        _native.gather_mm(w, cols, outs, ins, taps, None)
+    assert counter.get_total_flops() == 2 * 11 * 6 * taps * positions
+
+
+def test_gather_mm_refuses_bad_indices_and_shapes():
+    _native_or_skip()
+    w, cols = torch.randn(4, 6), torch.randn(3, 2)
+    with pytest.raises(RuntimeError, match="output index out of range"):
+        _native.gather_mm(w, cols, torch.tensor([4]), torch.tensor([0, 1, 2]), 1, None)
+    with pytest.raises(RuntimeError, match="input index out of range"):
+        _native.gather_mm(w, cols, torch.tensor([0]), torch.tensor([0, 1, 6]), 1, None)
+    with pytest.raises(RuntimeError, match="rows"):
+        _native.gather_mm(w, cols, torch.tensor([0]), torch.tensor([0, 1]), 1, None)
+
+
+@pytest.mark.parametrize("softmax", [False, True])
+def test_gate_live_equals_pool_linear_and_liveness(softmax):
+    _native_or_skip()
+    g = torch.Generator().manual_seed(1)
+    data = torch.rand(1, 5, 3, 4, generator=g)
+    data[:, [1, 3]] = 0  # two dead channels
+    idx = torch.tensor([0, 2, 3, 6, 7])
+    w, b = torch.randn(9, 8, generator=g), torch.randn(9, generator=g)
+    logits, kept, live = _native.gate_live(data, idx, 8, w, b, softmax, 0.5)
+    pooled = torch.zeros(1, 8)
+    pooled[0, idx] = data.mean((2, 3))[0]
+    z = pooled.softmax(1) if softmax else pooled
+    expected = F.linear(z, w, b)
+    assert torch.allclose(logits, expected, rtol=1e-5, atol=1e-6)
+    assert torch.equal(kept, (torch.sigmoid(expected[0]) > 0.5).nonzero().squeeze(1))
+    assert live.tolist() == [0, 2, 4]
+
+
+@pytest.mark.parametrize("name", ["vgg11_bn", "resnet20", "mobilenet_v2_cifar"])
+def test_native_and_torch_kernels_agree_in_outputs_and_macs(name):
+    _native_or_skip()
+    model = attach_gates(randomize_bn(get_model(name, num_classes=10)), GateConfig(threshold=0.85)).eval()
+    native, plain = SparseEngine(model, kernel="native"), SparseEngine(model, kernel="torch")
+    assert native.native and not plain.native
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        ref = model(x)
+    for engine in (native, plain):
+        assert torch.allclose(engine(x), ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
+    macs = []
+    for engine in (native, plain):
+        counter = FlopCounterMode(display=False)
+        with counter:
+            engine(x[:1])
+        macs.append(counter.get_total_flops())
+    assert macs[0] == macs[1]
+
+
+def test_without_a_compiler_the_engine_warns_and_uses_torch_ops(monkeypatch, caplog):
+    model = attach_gates(randomize_bn(get_model("resnet20", num_classes=10))).eval()
+    monkeypatch.setattr(_native, "_load", lambda: "CalledProcessError: no C++ compiler")
+    _native._warn_once.cache_clear()
+    with caplog.at_level(logging.WARNING, logger="ftwt.engine._native"):
+        engine = SparseEngine(model)
+    assert not engine.native
+    assert "no C++ compiler" in caplog.text and "PyTorch ops" in caplog.text
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(engine(x), model(x), rtol=1e-4, atol=1e-4)
+    with pytest.raises(DeviceError, match="no C\\+\\+ compiler"):
+        SparseEngine(model, kernel="native")
+    with pytest.raises(ConfigError, match="kernel"):
+        SparseEngine(model, kernel="cuda")
