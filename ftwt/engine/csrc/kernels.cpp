@@ -16,6 +16,7 @@
 
 #include <cstring>
 #include <tuple>
+#include <utility>
 #include <vector>
 
 namespace {
@@ -75,15 +76,30 @@ inline void tile1(const float* const* rows, const int64_t* __restrict in_off, in
   for (int j = 0; j < JB; ++j) y[j * positions + p] = acc[j];
 }
 
-template <int JB>
-void block(const float* const* rows, const int64_t* in_off, int64_t n_in, int64_t taps, const float* cols,
-           int64_t positions, const float* bias, float* y) {
+// Position tiles: 32, 16, 8 and 4 wide (vectors), then single positions.
+enum Width { W32, W16, W8, W4, W1 };
+
+std::vector<std::pair<int64_t, Width>> position_tiles(int64_t positions) {
+  std::vector<std::pair<int64_t, Width>> tiles;
   int64_t p = 0;
-  for (; p + 32 <= positions; p += 32) tile<JB, v16, 2>(rows, in_off, n_in, taps, cols, positions, p, bias, y);
-  for (; p + 16 <= positions; p += 16) tile<JB, v16, 1>(rows, in_off, n_in, taps, cols, positions, p, bias, y);
-  for (; p + 8 <= positions; p += 8) tile<JB, v8, 1>(rows, in_off, n_in, taps, cols, positions, p, bias, y);
-  for (; p + 4 <= positions; p += 4) tile<JB, v4, 1>(rows, in_off, n_in, taps, cols, positions, p, bias, y);
-  for (; p < positions; ++p) tile1<JB>(rows, in_off, n_in, taps, cols, positions, p, bias, y);
+  for (; p + 32 <= positions; p += 32) tiles.emplace_back(p, W32);
+  for (; p + 16 <= positions; p += 16) tiles.emplace_back(p, W16);
+  for (; p + 8 <= positions; p += 8) tiles.emplace_back(p, W8);
+  for (; p + 4 <= positions; p += 4) tiles.emplace_back(p, W4);
+  for (; p < positions; ++p) tiles.emplace_back(p, W1);
+  return tiles;
+}
+
+template <int JB>
+void run_tile(Width width, const float* const* rows, const int64_t* in_off, int64_t n_in, int64_t taps,
+              const float* cols, int64_t positions, int64_t p, const float* bias, float* y) {
+  switch (width) {
+    case W32: tile<JB, v16, 2>(rows, in_off, n_in, taps, cols, positions, p, bias, y); break;
+    case W16: tile<JB, v16, 1>(rows, in_off, n_in, taps, cols, positions, p, bias, y); break;
+    case W8: tile<JB, v8, 1>(rows, in_off, n_in, taps, cols, positions, p, bias, y); break;
+    case W4: tile<JB, v4, 1>(rows, in_off, n_in, taps, cols, positions, p, bias, y); break;
+    case W1: tile1<JB>(rows, in_off, n_in, taps, cols, positions, p, bias, y); break;
+  }
 }
 
 at::Tensor gather_mm(const at::Tensor& weight, const at::Tensor& cols, const at::Tensor& out_idx,
@@ -115,23 +131,29 @@ at::Tensor gather_mm(const at::Tensor& weight, const at::Tensor& cols, const at:
   const float* c = cols.data_ptr<float>();
   const float* bp = b.defined() ? b.data_ptr<float>() : nullptr;
   float* yp = y.data_ptr<float>();
-  constexpr int JB = 8;  // output rows per tile: 8 x 16 positions fill 16 vector registers
-  const int64_t tiles = (n_out + JB - 1) / JB;
-  at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
+  constexpr int JB = 8;  // output rows per tile: 8 x 32 positions fill 16 vector registers
+  const int64_t row_blocks = (n_out + JB - 1) / JB;
+  const auto tiles = position_tiles(positions);
+  // Work items ordered position tile first: consecutive items share one tile of cols, which
+  // stays in cache while the filters' weight rows stream past it.
+  const int64_t items = row_blocks * static_cast<int64_t>(tiles.size());
+  at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
     const float* rows[JB];
     float bj[JB];
-    for (int64_t k = begin; k < end; ++k) {
-      const int64_t j0 = k * JB, nj = std::min<int64_t>(JB, n_out - j0);
+    for (int64_t item = begin; item < end; ++item) {
+      const auto [p, width] = tiles[item / row_blocks];
+      const int64_t j0 = (item % row_blocks) * JB, nj = std::min<int64_t>(JB, n_out - j0);
       for (int j = 0; j < JB; ++j) {
-        const int64_t jj = j0 + std::min<int64_t>(j, nj - 1);  // a short last tile repeats its last row
+        const int64_t jj = j0 + std::min<int64_t>(j, nj - 1);
         rows[j] = w + o[jj] * row;
         bj[j] = bp ? bp[o[jj]] : 0.f;
       }
+      float* yj = yp + j0 * positions;
       if (nj == JB) {
-        block<JB>(rows, in, n_in, taps, c, positions, bj, yp + j0 * positions);
+        run_tile<JB>(width, rows, in, n_in, taps, c, positions, p, bj, yj);
       } else {
         for (int64_t j = 0; j < nj; ++j)
-          block<1>(rows + j, in, n_in, taps, c, positions, bj + j, yp + (j0 + j) * positions);
+          run_tile<1>(width, rows + j, in, n_in, taps, c, positions, p, bj + j, yj + j * positions);
       }
     }
   });
