@@ -49,6 +49,28 @@ def test_gather_mm_equals_gather_then_matmul(taps, positions):
     assert counter.get_total_flops() == 2 * 11 * 6 * taps * positions
 
 
+@pytest.mark.parametrize("kernel,stride,padding,dilation", [
+    ((3, 3), (1, 1), (1, 1), (1, 1)),
+    ((3, 3), (2, 1), (1, 2), (1, 2)),
+    ((1, 1), (2, 2), (0, 0), (1, 1)),
+    ((5, 3), (1, 2), (0, 1), (2, 1)),
+])
+def test_conv_gather_equals_conv2d_of_the_cut_weight(kernel, stride, padding, dilation):
+    _native_or_skip()
+    g = torch.Generator().manual_seed(sum(kernel + stride + padding + dilation))
+    w = torch.randn(10, 8, *kernel, generator=g)
+    bias = torch.randn(10, generator=g)
+    outs, ins = torch.tensor([0, 3, 4, 5, 6, 7, 8, 9, 1]), torch.tensor([1, 2, 5, 7, 0])
+    x = torch.randn(2, 5, 11, 9, generator=g)
+    ref = F.conv2d(x, w[outs][:, ins], bias[outs], stride, padding, dilation)
+    got = _native.conv_gather(x, w.view(10, -1), outs, ins, kernel, stride, padding, dilation, bias)
+    assert torch.allclose(got, ref.transpose(0, 1).reshape(len(outs), -1), rtol=1e-5, atol=1e-5)
+    counter = FlopCounterMode(display=False)
+    with counter:
+        _native.conv_gather(x[:1], w.view(10, -1), outs, ins, kernel, stride, padding, dilation, None)
+    assert counter.get_total_flops() == 2 * len(outs) * len(ins) * kernel[0] * kernel[1] * ref[0, 0].numel()
+
+
 def test_gather_mm_refuses_bad_indices_and_shapes():
     _native_or_skip()
     w, cols = torch.randn(4, 6), torch.randn(3, 2)

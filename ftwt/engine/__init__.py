@@ -11,8 +11,8 @@ full width only where an op needs it (flatten, linear layers, unknown ops). The
 multiply-adds done for one sample are exactly those :class:`ftwt.flops.FlopsMeter` counts.
 
 Kernels (chosen per call from the shape, on CPU):
-    * ``N*H'*W' <= 4096`` with a partial block (every gated layer of the CIFAR models and of
-      ResNet-18 at 224x224 but its stem, at batch 1): im2col, then the native
+    * ``N*H'*W' <= 1024`` with a partial block (every gated layer of the CIFAR models, and
+      ResNet-18's stages from 28x28 down at 224x224, at batch 1): im2col, then the native
       ``ftwt::gather_mm`` (``csrc/kernels.cpp``), which streams the chunks of each kept
       filter's weight row that its live inputs need, 8 filters x 32 positions at a time in
       vector registers, with no copy of the weight block. On small maps each weight is used

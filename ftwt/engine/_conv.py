@@ -28,8 +28,9 @@ GEMM_ROWS_MAX_POSITIONS = 49
 # Up to this many output positions a gathered block goes through the fused native kernel
 # (when built). Measured on AMD EPYC (Zen 4), 60% of filters from 60% of inputs, cold caches:
 # 2.5-3x faster than index_select + GEMM on 512-channel 2x2 and 4x4 maps, and on par with or
-# faster than conv2d of a pre-cut weight (a static model's layer) up to 56x56, 1 and 2 threads.
-NATIVE_MAX_POSITIONS = 4096
+# faster than conv2d of a pre-cut weight (a static model's layer) up to 56x56, 1 and 2 threads; above
+# 32x32 at batch 1 its im2col costs what it saves (ResNet-18 at 224x224, end to end).
+NATIVE_MAX_POSITIONS = 1024
 # Up to this many weight values, a (filters, inputs) block is gathered one dimension at a time.
 _SMALL_WEIGHT = 65536
 _SEEN_SHAPES = 16  # shapes remembered per layer: oneDNN's kernel cache holds 1024 in all
@@ -200,18 +201,15 @@ class SparseConv:
         return self._compute(x, w, b, hw)
 
     def _fused(self, x: Tensor, inp: Tensor | None, out: Tensor | None, hw: tuple[int, int]) -> Tensor:
-        """``conv2d(x, W[out][:, inp], b[out])`` by the native kernel: no copy of the weight block."""
-        n, cin = x.shape[:2]
-        kh, kw = self.kernel
-        rows = n * hw[0] * hw[1]
-        if kh == kw == 1 and self.padding == (0, 0):
-            sh, sw = self.stride
-            xs = x if sh == sw == 1 else x[:, :, ::sh, ::sw]
-            cols = (xs.reshape(cin, rows) if n == 1 else xs.transpose(0, 1).reshape(cin, rows)).contiguous()
+        """``conv2d(x, W[out][:, inp], b[out])`` by the native kernels: no copy of the weight block."""
+        n = x.shape[0]
+        outs = self.all_out if out is None else out
+        ins = self.all_in if inp is None else inp
+        if self.padding_mode == "zeros":
+            y = _native.conv_gather(x, self.w2d, outs, ins, self.kernel, self.stride, self.padding, self.dilation, self.bias)
         else:
             cols = _im2col(self._pad(x), self.kernel, self.stride, self.dilation, hw).contiguous()
-        outs = self.all_out if out is None else out
-        y = _native.gather_mm(self.w2d, cols, outs, self.all_in if inp is None else inp, kh * kw, self.bias)
+            y = _native.gather_mm(self.w2d, cols, outs, ins, self.kernel[0] * self.kernel[1], self.bias)
         o = outs.numel()
         return y.view(o, n, *hw).transpose(0, 1) if n > 1 else y.view(1, o, *hw)
 

@@ -49,7 +49,7 @@ def _build_name() -> str:
 @functools.cache
 def _load() -> str | None:
     """Build (or load the cached build of) the kernel; None when it works, else why not."""
-    if hasattr(torch.ops.ftwt, "gate_live"):
+    if hasattr(torch.ops.ftwt, "conv_gather"):
         return None
     try:
         from torch.utils.cpp_extension import load
@@ -74,6 +74,10 @@ def _register_flop_formula() -> None:
     @register_flop_formula(torch.ops.ftwt.gather_mm)
     def _gather_mm_flops(w_shape, cols_shape, out_idx_shape, *args, out_shape=None, **kwargs) -> int:
         return 2 * out_idx_shape[0] * cols_shape[0] * cols_shape[1]
+
+    @register_flop_formula(torch.ops.ftwt.conv_gather)
+    def _conv_gather_flops(x_shape, w_shape, out_idx_shape, in_idx_shape, kernel, *args, out_shape=None, **kwargs) -> int:
+        return 2 * out_shape[0] * in_idx_shape[0] * kernel[0] * kernel[1] * out_shape[1]
 
     @register_flop_formula(torch.ops.ftwt.gate_live)
     def _gate_live_flops(data_shape, idx_shape, c_in, w_shape, *args, out_shape=None, **kwargs) -> int:
@@ -110,6 +114,16 @@ def gather_mm(weight: Tensor, cols: Tensor, out_idx: Tensor, in_idx: Tensor, tap
     """``(|O|, P)``: rows ``out_idx`` of ``weight`` (``(C_out, C_in * taps)``), restricted to the
     ``taps``-wide column chunks of ``in_idx``, times ``cols`` (``(|I| * taps, P)``), plus ``bias[out_idx]``."""
     return torch.ops.ftwt.gather_mm(weight, cols, out_idx, in_idx, taps, bias)
+
+
+def conv_gather(
+    x: Tensor, weight: Tensor, out_idx: Tensor, in_idx: Tensor, kernel: tuple[int, int], stride: tuple[int, int],
+    padding: tuple[int, int], dilation: tuple[int, int], bias: Tensor | None,
+) -> Tensor:
+    """``(|O|, N*H'*W')``: the convolution (zero padding) of ``x`` ``(N, |I|, H, W)``, the live
+    input channels ``in_idx``, by the kept filters ``out_idx`` of ``weight``
+    ``(C_out, C_in*kh*kw)``; im2col and :func:`gather_mm` in one call."""
+    return torch.ops.ftwt.conv_gather(x, weight, out_idx, in_idx, kernel, stride, padding, dilation, bias)
 
 
 def gate_live(

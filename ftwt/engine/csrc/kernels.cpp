@@ -160,6 +160,51 @@ at::Tensor gather_mm(const at::Tensor& weight, const at::Tensor& cols, const at:
   return y;
 }
 
+// ftwt::conv_gather: gather_mm on the im2col of x (N, |I|, H, W) with zero padding, built here
+// in one pass (no padded copy of x, no Python-level ops): a convolution of the kept filters O
+// over the live input channels I. Returns (|O|, N * H' * W'), positions ordered (n, y, x).
+at::Tensor conv_gather(const at::Tensor& x_in, const at::Tensor& weight, const at::Tensor& out_idx,
+                       const at::Tensor& in_idx, at::IntArrayRef kernel, at::IntArrayRef stride,
+                       at::IntArrayRef padding, at::IntArrayRef dilation, const std::optional<at::Tensor>& bias) {
+  TORCH_CHECK(x_in.dim() == 4 && x_in.scalar_type() == at::kFloat, "conv_gather: float32 (N, C, H, W) input");
+  TORCH_CHECK(kernel.size() == 2 && stride.size() == 2 && padding.size() == 2 && dilation.size() == 2,
+              "conv_gather: 2-D kernel, stride, padding and dilation");
+  TORCH_CHECK(x_in.size(1) == in_idx.size(0), "conv_gather: x must hold the |I| live input channels");
+  const at::Tensor x = x_in.contiguous();
+  const int64_t n = x.size(0), c = x.size(1), h = x.size(2), wd = x.size(3);
+  const int64_t kh = kernel[0], kw = kernel[1], sh = stride[0], sw = stride[1];
+  const int64_t ph = padding[0], pw = padding[1], dh = dilation[0], dw = dilation[1];
+  const int64_t oh = (h + 2 * ph - dh * (kh - 1) - 1) / sh + 1, ow = (wd + 2 * pw - dw * (kw - 1) - 1) / sw + 1;
+  TORCH_CHECK(oh > 0 && ow > 0, "conv_gather: the kernel does not fit the input");
+  const int64_t positions = n * oh * ow, plane = oh * ow;
+  at::Tensor cols = at::empty({c * kh * kw, positions}, x.options());
+  const float* xp = x.data_ptr<float>();
+  float* cp = cols.data_ptr<float>();
+  at::parallel_for(0, c * kh * kw, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t a = r / (kh * kw), i = (r / kw) % kh, j = r % kw;
+      float* dst = cp + r * positions;
+      for (int64_t b = 0; b < n; ++b) {
+        const float* src = xp + (b * c + a) * h * wd;
+        for (int64_t y = 0; y < oh; ++y) {
+          float* d = dst + b * plane + y * ow;
+          const int64_t iy = y * sh - ph + i * dh;
+          if (iy < 0 || iy >= h) {
+            std::fill(d, d + ow, 0.f);
+            continue;
+          }
+          const float* s = src + iy * wd;
+          for (int64_t xx = 0; xx < ow; ++xx) {
+            const int64_t ix = xx * sw - pw + j * dw;
+            d[xx] = (ix >= 0 && ix < wd) ? s[ix] : 0.f;
+          }
+        }
+      }
+    }
+  });
+  return gather_mm(weight, cols, out_idx, in_idx, kh * kw, bias);
+}
+
 // y (1, C_out) = w (C_out, c_in) z (1, c_in) + b. The gate's weight is read once per sample
 // and used once, so this is bound by memory: split the rows over the intra-op threads
 // (one-row products do not parallelize inside the BLAS).
@@ -229,11 +274,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gate_live(const at::Tensor& data,
 
 TORCH_LIBRARY(ftwt, m) {
   m.def("gather_mm(Tensor weight, Tensor cols, Tensor out_idx, Tensor in_idx, int taps, Tensor? bias) -> Tensor");
+  m.def("conv_gather(Tensor x, Tensor weight, Tensor out_idx, Tensor in_idx, int[] kernel, int[] stride,"
+        " int[] padding, int[] dilation, Tensor? bias) -> Tensor");
   m.def("gate_live(Tensor data, Tensor idx, int c_in, Tensor gate_w, Tensor? gate_b, bool softmax, float decision)"
         " -> (Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(ftwt, CPU, m) {
   m.impl("gather_mm", &gather_mm);
+  m.impl("conv_gather", &conv_gather);
   m.impl("gate_live", &gate_live);
 }
