@@ -82,6 +82,20 @@ def test_gather_mm_refuses_bad_indices_and_shapes():
         _native.gather_mm(w, cols, torch.tensor([0]), torch.tensor([0, 1]), 1, None)
 
 
+@pytest.mark.parametrize("a_idx,b_idx", [([0, 2, 5], [1, 2, 6]), ([3], [0, 1]), ([], [4, 5]), ([1, 4], [1, 4])])
+def test_union_add_equals_adding_the_full_tensors(a_idx, b_idx):
+    _native_or_skip()
+    g = torch.Generator().manual_seed(len(a_idx) + 10 * len(b_idx))
+    a_idx, b_idx = torch.tensor(a_idx, dtype=torch.long), torch.tensor(b_idx, dtype=torch.long)
+    a, b = torch.randn(2, len(a_idx), 3, 5, generator=g), torch.randn(2, len(b_idx), 3, 5, generator=g)
+    full_a, full_b = torch.zeros(2, 7, 3, 5), torch.zeros(2, 7, 3, 5)
+    full_a[:, a_idx], full_b[:, b_idx] = a, b
+    data, union = _native.union_add(a, a_idx, b, b_idx)
+    expected = sorted(set(a_idx.tolist()) | set(b_idx.tolist()))
+    assert union.tolist() == expected
+    assert torch.equal(data, (full_a + full_b)[:, expected])  # the same float sums, bit for bit
+
+
 @pytest.mark.parametrize("softmax", [False, True])
 def test_gate_live_equals_pool_linear_and_liveness(softmax):
     _native_or_skip()

@@ -13,6 +13,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from ftwt.engine import _native
+
 
 class Compact:
     """Channels ``idx`` of an ``(N, channels, *spatial)`` activation; every other channel is zero.
@@ -95,8 +97,14 @@ def live_channels(value: Compact) -> Compact:
     return Compact(data.index_select(1, keep), idx, value.channels, value.nonneg)
 
 
-def add(a: Compact, b: Compact) -> Compact:
-    """``a + b`` of two compact values of the same shape: the result stores the union of their channels."""
+def add(a: Compact, b: Compact, native: bool = False) -> Compact:
+    """``a + b`` of two compact values of the same shape: the result stores the union of their channels.
+
+    ``native``: merge two partial values in one call of the native ``ftwt::union_add`` (float32 CPU).
+    """
+    if a.idx is not None and b.idx is not None and native and a.data.dtype == b.data.dtype == torch.float32:
+        data, union = _native.union_add(a.data, a.idx, b.data, b.idx)
+        return Compact(data, union, a.channels)
     if a.idx is b.idx or (a.idx is not None and b.idx is not None and torch.equal(a.idx, b.idx)):
         return Compact(a.data + b.data, a.idx, a.channels)
     if a.idx is None or b.idx is None:

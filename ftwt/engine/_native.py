@@ -49,7 +49,7 @@ def _build_name() -> str:
 @functools.cache
 def _load() -> str | None:
     """Build (or load the cached build of) the kernel; None when it works, else why not."""
-    if hasattr(torch.ops.ftwt, "conv_gather"):
+    if hasattr(torch.ops.ftwt, "union_add"):
         return None
     try:
         from torch.utils.cpp_extension import load
@@ -133,3 +133,9 @@ def gate_live(
     (channels ``idx`` of ``c_in``): its logits ``(1, C_out)``, the filters it keeps (ascending)
     and the positions in ``data`` of the channels that are not all zero (ascending)."""
     return torch.ops.ftwt.gate_live(data, idx, c_in, gate_w, gate_b, softmax, decision)
+
+
+def union_add(a: Tensor, a_idx: Tensor, b: Tensor, b_idx: Tensor) -> tuple[Tensor, Tensor]:
+    """``a + b`` of two compact values (channels ``a_idx`` and ``b_idx``, ascending, of one
+    tensor): the data of the union of their channels and its indices, ascending."""
+    return torch.ops.ftwt.union_add(a, a_idx, b, b_idx)

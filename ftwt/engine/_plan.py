@@ -179,10 +179,12 @@ class Plan:
             self.slot[after[0]] = dst
             self._absorbed.add(after[0])
 
+        native = self.native
+
         def step(env: list) -> None:
             x, y = env[a], env[b]
             if isinstance(x, Compact) and isinstance(y, Compact) and x.shape == y.shape:
-                out = add(x, y)
+                out = add(x, y, native)
                 if inplace is not None:
                     inplace(out.data)
                     out.nonneg = True

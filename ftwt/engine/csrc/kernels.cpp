@@ -14,6 +14,7 @@
 #include <torch/library.h>
 #include <torch/types.h>
 
+#include <cmath>
 #include <cstring>
 #include <tuple>
 #include <utility>
@@ -240,34 +241,105 @@ at::Tensor gemv(const at::Tensor& w, const at::Tensor& z, const std::optional<at
 // logits (1, C_out), the filters it keeps (sigmoid(logit) > decision, ascending) and the
 // positions in data of the live channels (ascending); what the Python engine computes in
 // ten small ops, in one call.
-std::tuple<at::Tensor, at::Tensor, at::Tensor> gate_live(const at::Tensor& data, const at::Tensor& idx, int64_t c_in,
+std::tuple<at::Tensor, at::Tensor, at::Tensor> gate_live(const at::Tensor& data_in, const at::Tensor& idx, int64_t c_in,
                                                          const at::Tensor& gate_w, const std::optional<at::Tensor>& gate_b,
                                                          bool softmax, double decision) {
-  TORCH_CHECK(data.dim() == 4 && data.size(0) == 1, "gate_live: one (1, k, H, W) sample");
-  TORCH_CHECK(data.scalar_type() == at::kFloat && gate_w.scalar_type() == at::kFloat, "gate_live: float32 only");
-  TORCH_CHECK(idx.scalar_type() == at::kLong && idx.dim() == 1 && idx.size(0) == data.size(1), "gate_live: int64 idx of k channels");
+  TORCH_CHECK(data_in.dim() == 4 && data_in.size(0) == 1, "gate_live: one (1, k, H, W) sample");
+  TORCH_CHECK(data_in.scalar_type() == at::kFloat && gate_w.scalar_type() == at::kFloat, "gate_live: float32 only");
+  TORCH_CHECK(idx.scalar_type() == at::kLong && idx.dim() == 1 && idx.size(0) == data_in.size(1),
+              "gate_live: int64 idx of k channels");
   TORCH_CHECK(gate_w.dim() == 2 && gate_w.size(1) == c_in, "gate_live: gate weight must be (C_out, c_in)");
-  const int64_t k = data.size(1);
-  const at::Tensor sums = data.sum({2, 3}).contiguous();
+  const at::Tensor data = data_in.contiguous();
   const at::Tensor ids = idx.contiguous();
-  const float* s = sums.data_ptr<float>();
+  const int64_t k = data.size(1), area = data.size(2) * data.size(3);
+  const float* d = data.data_ptr<float>();
   const int64_t* id = ids.data_ptr<int64_t>();
-  const float area = static_cast<float>(data.size(2) * data.size(3));
   at::Tensor pooled = at::zeros({1, c_in}, data.options());
   float* z = pooled.data_ptr<float>();
   std::vector<int64_t> live;
   live.reserve(k);
   for (int64_t a = 0; a < k; ++a) {
     TORCH_CHECK(id[a] >= 0 && id[a] < c_in, "gate_live: channel index out of range");
-    z[id[a]] = s[a] / area;  // the same float32 quotient as sums / (H * W)
-    if (s[a] != 0.0f) live.push_back(a);  // NaN != 0: a NaN channel stays, as in the model
+    const float* ch = d + a * area;
+    v8 acc{};
+    int64_t i = 0;
+    for (; i + 8 <= area; i += 8) acc += load<v8>(ch + i);
+    float sum = 0.f;
+    for (int q = 0; q < 8; ++q) sum += acc[q];
+    for (; i < area; ++i) sum += ch[i];
+    z[id[a]] = sum / static_cast<float>(area);  // the mean that adaptive_avg_pool2d gives the gate
+    // For values >= 0 the sum is 0 exactly when every value is; NaN != 0, so a NaN channel stays.
+    if (sum != 0.0f) live.push_back(a);
   }
   if (softmax) pooled = pooled.softmax(1);
   const at::Tensor logits = gemv(gate_w.contiguous(), pooled, gate_b);
-  const at::Tensor keep = logits.sigmoid().gt(decision).view(-1).nonzero().view(-1);
-  at::Tensor live_pos = at::empty({static_cast<int64_t>(live.size())}, ids.options());
-  std::memcpy(live_pos.data_ptr<int64_t>(), live.data(), live.size() * sizeof(int64_t));
-  return {logits, keep, live_pos};
+  const float* lg = logits.data_ptr<float>();
+  const int64_t n_out = gate_w.size(0);
+  std::vector<int64_t> keep;
+  keep.reserve(n_out);
+  const float threshold = static_cast<float>(decision);
+  for (int64_t o = 0; o < n_out; ++o)
+    if (1.0f / (1.0f + std::exp(-lg[o])) > threshold) keep.push_back(o);  // sigmoid(logit) > decision
+  auto to_tensor = [&](const std::vector<int64_t>& v) {
+    at::Tensor t = at::empty({static_cast<int64_t>(v.size())}, ids.options());
+    std::memcpy(t.data_ptr<int64_t>(), v.data(), v.size() * sizeof(int64_t));
+    return t;
+  };
+  return {logits, to_tensor(keep), to_tensor(live)};
+}
+
+// ftwt::union_add: a + b for two compact activations holding channels a_idx and b_idx
+// (ascending) of one tensor: the result holds the union of the channels, ascending. Each
+// value is a + b, a or b, the same float32 sums as adding the full tensors.
+std::tuple<at::Tensor, at::Tensor> union_add(const at::Tensor& a_in, const at::Tensor& a_idx, const at::Tensor& b_in,
+                                             const at::Tensor& b_idx) {
+  TORCH_CHECK(a_in.dim() >= 2 && b_in.dim() == a_in.dim() && a_in.scalar_type() == at::kFloat &&
+                  b_in.scalar_type() == at::kFloat, "union_add: float32 (N, k, ...) values");
+  TORCH_CHECK(a_in.size(0) == b_in.size(0) && a_in.size(1) == a_idx.size(0) && b_in.size(1) == b_idx.size(0),
+              "union_add: each value needs one index per stored channel");
+  const at::Tensor a = a_in.contiguous(), b = b_in.contiguous();
+  const at::Tensor ai = a_idx.contiguous(), bi = b_idx.contiguous();
+  const int64_t n = a.size(0), ka = a.size(1), kb = b.size(1);
+  const int64_t plane = ka ? a.numel() / (n * ka) : (kb ? b.numel() / (n * kb) : 0);
+  TORCH_CHECK(ka == 0 || kb == 0 || plane == b.numel() / (n * kb), "union_add: values of different shapes");
+  const int64_t* ap = ai.data_ptr<int64_t>();
+  const int64_t* bp = bi.data_ptr<int64_t>();
+  // Merge the two ascending index lists: (channel, position in a or -1, position in b or -1).
+  std::vector<int64_t> idx, from_a, from_b;
+  idx.reserve(ka + kb);
+  int64_t i = 0, j = 0;
+  while (i < ka || j < kb) {
+    if (j >= kb || (i < ka && ap[i] < bp[j])) {
+      idx.push_back(ap[i]); from_a.push_back(i++); from_b.push_back(-1);
+    } else if (i >= ka || bp[j] < ap[i]) {
+      idx.push_back(bp[j]); from_a.push_back(-1); from_b.push_back(j++);
+    } else {
+      idx.push_back(ap[i]); from_a.push_back(i++); from_b.push_back(j++);
+    }
+  }
+  const int64_t ku = static_cast<int64_t>(idx.size());
+  std::vector<int64_t> shape = a.sizes().vec();
+  shape[1] = ku;
+  at::Tensor out = at::empty(shape, a.options());
+  const float* ad = a.data_ptr<float>();
+  const float* bd = b.data_ptr<float>();
+  float* od = out.data_ptr<float>();
+  at::parallel_for(0, n * ku, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t s = r / ku, c = r % ku;
+      float* dst = od + r * plane;
+      const float* x = from_a[c] >= 0 ? ad + (s * ka + from_a[c]) * plane : nullptr;
+      const float* y = from_b[c] >= 0 ? bd + (s * kb + from_b[c]) * plane : nullptr;
+      if (x && y) {
+        for (int64_t q = 0; q < plane; ++q) dst[q] = x[q] + y[q];
+      } else {
+        std::memcpy(dst, x ? x : y, plane * sizeof(float));
+      }
+    }
+  });
+  at::Tensor idx_t = at::empty({ku}, ai.options());
+  std::memcpy(idx_t.data_ptr<int64_t>(), idx.data(), ku * sizeof(int64_t));
+  return {out, idx_t};
 }
 
 }  // namespace
@@ -276,6 +348,7 @@ TORCH_LIBRARY(ftwt, m) {
   m.def("gather_mm(Tensor weight, Tensor cols, Tensor out_idx, Tensor in_idx, int taps, Tensor? bias) -> Tensor");
   m.def("conv_gather(Tensor x, Tensor weight, Tensor out_idx, Tensor in_idx, int[] kernel, int[] stride,"
         " int[] padding, int[] dilation, Tensor? bias) -> Tensor");
+  m.def("union_add(Tensor a, Tensor a_idx, Tensor b, Tensor b_idx) -> (Tensor, Tensor)");
   m.def("gate_live(Tensor data, Tensor idx, int c_in, Tensor gate_w, Tensor? gate_b, bool softmax, float decision)"
         " -> (Tensor, Tensor, Tensor)");
 }
@@ -284,4 +357,5 @@ TORCH_LIBRARY_IMPL(ftwt, CPU, m) {
   m.impl("gather_mm", &gather_mm);
   m.impl("conv_gather", &conv_gather);
   m.impl("gate_live", &gate_live);
+  m.impl("union_add", &union_add);
 }
