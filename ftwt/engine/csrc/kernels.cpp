@@ -41,7 +41,8 @@ inline void store(float* p, V v) {
 // JB output rows times NV vectors of positions, accumulated in registers over every (input, tap).
 template <int JB, typename V, int NV>
 inline void tile(const float* const* rows, const int64_t* __restrict in_off, int64_t n_in, int64_t taps,
-                 const float* __restrict cols, int64_t positions, int64_t p0, const float* bias, float* __restrict y) {
+                 const float* __restrict cols, int64_t positions, int64_t p0, const float* bias, float* __restrict y,
+                 int64_t ldy) {
   constexpr int W = sizeof(V) / sizeof(float);
   V acc[JB][NV];
   for (int j = 0; j < JB; ++j)
@@ -59,13 +60,14 @@ inline void tile(const float* const* rows, const int64_t* __restrict in_off, int
     }
   }
   for (int j = 0; j < JB; ++j)
-    for (int v = 0; v < NV; ++v) store<V>(y + j * positions + p0 + W * v, acc[j][v]);
+    for (int v = 0; v < NV; ++v) store<V>(y + j * ldy + W * v, acc[j][v]);
 }
 
 // One scalar position (the remainder after the vector tiles).
 template <int JB>
 inline void tile1(const float* const* rows, const int64_t* __restrict in_off, int64_t n_in, int64_t taps,
-                  const float* __restrict cols, int64_t positions, int64_t p, const float* bias, float* __restrict y) {
+                  const float* __restrict cols, int64_t positions, int64_t p, const float* bias, float* __restrict y,
+                  int64_t ldy) {
   float acc[JB];
   for (int j = 0; j < JB; ++j) acc[j] = bias[j];
   for (int64_t a = 0; a < n_in; ++a) {
@@ -74,11 +76,12 @@ inline void tile1(const float* const* rows, const int64_t* __restrict in_off, in
     for (int64_t t = 0; t < taps; ++t, c += positions)
       for (int j = 0; j < JB; ++j) acc[j] += rows[j][off + t] * *c;
   }
-  for (int j = 0; j < JB; ++j) y[j * positions + p] = acc[j];
+  for (int j = 0; j < JB; ++j) y[j * ldy] = acc[j];
 }
 
 // Position tiles: 32, 16, 8 and 4 wide (vectors), then single positions.
 enum Width { W32, W16, W8, W4, W1 };
+constexpr int64_t kWidth[] = {32, 16, 8, 4, 1};
 
 std::vector<std::pair<int64_t, Width>> position_tiles(int64_t positions) {
   std::vector<std::pair<int64_t, Width>> tiles;
@@ -93,13 +96,13 @@ std::vector<std::pair<int64_t, Width>> position_tiles(int64_t positions) {
 
 template <int JB>
 void run_tile(Width width, const float* const* rows, const int64_t* in_off, int64_t n_in, int64_t taps,
-              const float* cols, int64_t positions, int64_t p, const float* bias, float* y) {
+              const float* cols, int64_t positions, int64_t p, const float* bias, float* y, int64_t ldy) {
   switch (width) {
-    case W32: tile<JB, v16, 2>(rows, in_off, n_in, taps, cols, positions, p, bias, y); break;
-    case W16: tile<JB, v16, 1>(rows, in_off, n_in, taps, cols, positions, p, bias, y); break;
-    case W8: tile<JB, v8, 1>(rows, in_off, n_in, taps, cols, positions, p, bias, y); break;
-    case W4: tile<JB, v4, 1>(rows, in_off, n_in, taps, cols, positions, p, bias, y); break;
-    case W1: tile1<JB>(rows, in_off, n_in, taps, cols, positions, p, bias, y); break;
+    case W32: tile<JB, v16, 2>(rows, in_off, n_in, taps, cols, positions, p, bias, y, ldy); break;
+    case W16: tile<JB, v16, 1>(rows, in_off, n_in, taps, cols, positions, p, bias, y, ldy); break;
+    case W8: tile<JB, v8, 1>(rows, in_off, n_in, taps, cols, positions, p, bias, y, ldy); break;
+    case W4: tile<JB, v4, 1>(rows, in_off, n_in, taps, cols, positions, p, bias, y, ldy); break;
+    case W1: tile1<JB>(rows, in_off, n_in, taps, cols, positions, p, bias, y, ldy); break;
   }
 }
 
@@ -149,12 +152,19 @@ at::Tensor gather_mm(const at::Tensor& weight, const at::Tensor& cols, const at:
         rows[j] = w + o[jj] * row;
         bj[j] = bp ? bp[o[jj]] : 0.f;
       }
-      float* yj = yp + j0 * positions;
+      float* yj = yp + j0 * positions + p;
       if (nj == JB) {
-        run_tile<JB>(width, rows, in, n_in, taps, c, positions, p, bj, yj);
+        run_tile<JB>(width, rows, in, n_in, taps, c, positions, p, bj, yj, positions);
       } else {
-        for (int64_t j = 0; j < nj; ++j)
-          run_tile<1>(width, rows + j, in, n_in, taps, c, positions, p, bj + j, yj + j * positions);
+        // A short last block of filters: a 4- or 8-row tile with its last row repeated,
+        // written to scratch, then its real rows copied (single rows would be load-bound).
+        float scratch[JB * 32];
+        const int64_t wide = kWidth[width];
+        if (nj <= 4)
+          run_tile<4>(width, rows, in, n_in, taps, c, positions, p, bj, scratch, 32);
+        else
+          run_tile<JB>(width, rows, in, n_in, taps, c, positions, p, bj, scratch, 32);
+        for (int64_t j = 0; j < nj; ++j) std::memcpy(yj + j * positions, scratch + j * 32, wide * sizeof(float));
       }
     }
   });
