@@ -52,7 +52,14 @@ def _load() -> str | None:
     if hasattr(torch.ops.ftwt, "union_add"):
         return None
     try:
-        from torch.utils.cpp_extension import load
+        # Its import warns on machines with a CUDA_HOME but no CUDA runtime: not our concern here.
+        cpp_log = logging.getLogger("torch.utils.cpp_extension")
+        level = cpp_log.level
+        cpp_log.setLevel(logging.ERROR)
+        try:
+            from torch.utils.cpp_extension import load
+        finally:
+            cpp_log.setLevel(level)
 
         # OpenMP: at::parallel_for splits the filters over PyTorch's intra-op threads only
         # when the including code is built with it (PyTorch's own CPU builds use GNU OpenMP).
