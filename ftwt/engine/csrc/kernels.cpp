@@ -14,6 +14,7 @@
 #include <torch/library.h>
 #include <torch/types.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <tuple>
@@ -191,9 +192,15 @@ at::Tensor conv_gather(const at::Tensor& x_in, const at::Tensor& weight, const a
   at::Tensor cols = at::empty({c * kh * kw, positions}, x.options());
   const float* xp = x.data_ptr<float>();
   float* cp = cols.data_ptr<float>();
-  at::parallel_for(0, c * kh * kw, 1, [&](int64_t begin, int64_t end) {
+  // Rows of cols: (channel, tap). Split over threads only in chunks worth a thread's start.
+  const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(positions, 1));
+  at::parallel_for(0, c * kh * kw, grain, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const int64_t a = r / (kh * kw), i = (r / kw) % kh, j = r % kw;
+      // Output columns whose input column ix = xx * sw - pw + j * dw lies inside the image.
+      const int64_t shift = j * dw - pw;
+      const int64_t lo = std::min<int64_t>(ow, shift >= 0 ? 0 : (-shift + sw - 1) / sw);
+      const int64_t hi = std::max<int64_t>(lo, std::min<int64_t>(ow, wd - shift > 0 ? (wd - shift + sw - 1) / sw : 0));
       float* dst = cp + r * positions;
       for (int64_t b = 0; b < n; ++b) {
         const float* src = xp + (b * c + a) * h * wd;
@@ -204,11 +211,14 @@ at::Tensor conv_gather(const at::Tensor& x_in, const at::Tensor& weight, const a
             std::fill(d, d + ow, 0.f);
             continue;
           }
-          const float* s = src + iy * wd;
-          for (int64_t xx = 0; xx < ow; ++xx) {
-            const int64_t ix = xx * sw - pw + j * dw;
-            d[xx] = (ix >= 0 && ix < wd) ? s[ix] : 0.f;
+          const float* srow = src + iy * wd + shift;
+          std::fill(d, d + lo, 0.f);
+          if (sw == 1) {
+            std::memcpy(d + lo, srow + lo, (hi - lo) * sizeof(float));
+          } else {
+            for (int64_t xx = lo; xx < hi; ++xx) d[xx] = srow[xx * sw];
           }
+          std::fill(d + hi, d + ow, 0.f);
         }
       }
     }
