@@ -1,15 +1,20 @@
 """The engine's native CPU kernels, built on first use with PyTorch's extension loader.
 
-:func:`gather_mm` computes ``W[O][:, I] @ cols`` (plus the bias of ``O``) without copying the
-weight block out first (see ``csrc/gather_mm.cpp``). On layers with few output positions,
-batch 1 (VGG's 4x4 and 2x2 maps) the block's weights are each used a handful of times, so
-the copy that ``index_select`` + GEMM makes costs as much as the product itself; the fused
-kernel streams the needed chunks of each weight row once. :func:`gate_live` runs a unit's gate
-and finds its live input channels in one call instead of ten small ops (~0.1 ms a unit).
+* :func:`gather_mm` computes ``W[O][:, I] @ cols`` (plus the bias of ``O``) without copying
+  the weight block out first. On small maps at batch 1 (VGG's 4x4 and 2x2) each weight of
+  the block is used a handful of times, so the copy that ``index_select`` + GEMM makes costs
+  as much as the product itself; the fused kernel streams the needed chunks of each weight
+  row once, 8 filters x 32 positions at a time.
+* :func:`conv_gather`: im2col with zero padding, then :func:`gather_mm`, in one call.
+* :func:`gate_live` runs a ``pool = 1`` gate and finds its unit's live input channels in one
+  call instead of ten small ops.
+* :func:`union_add`: a residual add of two compact values on the union of their channels.
 
-The kernel is compiled by :func:`torch.utils.cpp_extension.load` (a C++ compiler and
-``ninja``, ~30 s once; the build is cached per machine under PyTorch's extensions folder,
-``TORCH_EXTENSIONS_DIR``). Where it cannot be built the engine runs on PyTorch's own ops,
+All four are operators of the ``ftwt`` namespace (``csrc/kernels.cpp``) with flop formulas,
+so :class:`torch.utils.flop_counter.FlopCounterMode` counts their multiply-adds. They are
+compiled by :func:`torch.utils.cpp_extension.load` (a C++ compiler and ``ninja``, ~30 s
+once; the build is cached per machine under PyTorch's extensions folder,
+``TORCH_EXTENSIONS_DIR``). Where they cannot be built the engine runs on PyTorch's own ops,
 with the same results and a warning saying why.
 """
 

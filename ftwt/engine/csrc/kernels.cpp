@@ -9,6 +9,8 @@
 // first copying the weight block W[O][:, I] out: each output row streams the chunks of its
 // weight row that it needs. For layers with few output positions the weight traffic is the
 // cost, and the copy that a gather + GEMM makes reads and writes that block once more.
+// Also: ftwt::conv_gather (im2col + gather_mm), ftwt::gate_live (a unit's gate and live
+// inputs) and ftwt::union_add (a residual add of two compact values), described below.
 
 #include <ATen/Parallel.h>
 #include <torch/library.h>
