@@ -25,11 +25,14 @@ from ftwt.errors import (
     UnsupportedLayerError,
 )
 from ftwt.estimate import Estimate, estimate, find_threshold
-from ftwt.evaluate import calibrate_decisions, evaluate, write_report
+from ftwt.calibrate import calibrate_decisions, fold_decisions
+from ftwt.evaluate import evaluate
 from ftwt.flops import FlopsMeter, FlopsReport, LayerFlops, conv_macs, linear_macs, measure
-from ftwt.gate import Gate, GateConfig, GatedUnit, UnitSpec
+from ftwt.gate import Gate, GateConfig
 from ftwt.loss import mask_loss
 from ftwt.models import get_model, list_models
+from ftwt.record import Record, record
+from ftwt.report import write_report
 from ftwt.surgery import (
     attach_gates,
     backbone_parameters,
@@ -45,6 +48,7 @@ from ftwt.surgery import (
     set_threshold,
 )
 from ftwt.train import TrainConfig, Trainer
+from ftwt.unit import GatedUnit, UnitOutput, UnitSpec
 
 try:
     __version__ = version("ftwt")
@@ -68,6 +72,8 @@ __all__ = [
     "TrainConfig",
     "Trainer",
     "ModelNotFoundError",
+    "Record",
+    "UnitOutput",
     "UnitSpec",
     "UnsupportedLayerError",
     "__version__",
@@ -81,6 +87,7 @@ __all__ = [
     "filter_scores",
     "find_threshold",
     "find_units",
+    "fold_decisions",
     "fold_bn",
     "gate_config",
     "gate_parameters",
@@ -95,6 +102,7 @@ __all__ = [
     "mass_mask",
     "measure",
     "models",
+    "record",
     "set_decision",
     "set_label_mode",
     "set_threshold",

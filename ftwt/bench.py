@@ -35,7 +35,8 @@ from ftwt.baselines import prune_to_macs
 from ftwt.engine import SparseEngine
 from ftwt.errors import ConfigError
 from ftwt.flops import measure
-from ftwt.surgery import detach_gates, gated_units, is_gated, mask_source, set_label_mode
+from ftwt.record import record
+from ftwt.surgery import detach_gates, is_gated
 
 MASKS = ("gate", "ground_truth")
 
@@ -69,6 +70,16 @@ def _num_threads(threads: int) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(saved)
+
+
+@contextlib.contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[None]:
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
 
 
 def time_calls(
@@ -112,10 +123,10 @@ def time_calls(
 def collect_masks(model: nn.Module, batches: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
     """Ground-truth masks at the gates' threshold, per batch: ``{unit name: (N, C_out) bool}``."""
     masks = []
-    with mask_source(model, "ground_truth"), torch.no_grad():
+    with record(model, masks="ground_truth") as rec, torch.no_grad():
         for x in batches:
             model(x)
-            masks.append({u.name: u.mask.clone() for u in gated_units(model)})
+            masks.append({name: m.clone() for name, m in rec.masks.items()})
     return masks
 
 
@@ -190,20 +201,17 @@ def benchmark(
     n = inputs.shape[0] // batch_size * batch_size
     batches = [b.to(device) for b in inputs[:n].split(batch_size)]
 
-    was_training = model.training
-    saved_labels = [u.label_mode for u in gated_units(model)]
-    model.eval().to(device)
+    model.to(device)
     # Ground truth is training-time work; building it while timing is the reference's overhead.
-    set_label_mode(model, "never")
-    try:
+    with _eval_mode(model), record(model, labels=False):
         dense = detach_gates(copy.deepcopy(model))
-        with mask_source(model, masks):
+        with record(model, masks=masks):
             flops = measure(model, batches)
         replay = collect_masks(model, batches) if masks == "ground_truth" else [None] * len(batches)
         engine = SparseEngine(model, round_to=round_to, kernel=kernel)
 
         with torch.no_grad():
-            with mask_source(model, masks):
+            with record(model, masks=masks):
                 reference = model(batches[0])
             diff = float((engine(batches[0], masks=replay[0]) - reference).abs().max())
             # Untrained ResNets give logits in the thousands; float rounding scales with them.
@@ -222,12 +230,8 @@ def benchmark(
             "static_ms": _cycle(static, [(x,) for x in batches]),
         }
         # The masked variant runs the gates' own masks; its cost does not depend on which.
-        with mask_source(model, "gate"):
+        with record(model, masks="gate"):
             ms = time_calls(timed, threads=threads, min_run_time=min_run_time, warmup=warmup)
-    finally:
-        for unit, mode in zip(gated_units(model), saved_labels, strict=True):
-            unit.label_mode = mode
-        model.train(was_training)
 
     ideal = flops.dense_macs / flops.dynamic_macs
     speedup = ms["dense_ms"] / ms["engine_ms"]

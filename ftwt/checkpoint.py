@@ -18,7 +18,6 @@ import collections
 import os
 import pickle
 import pickletools
-import tempfile
 import warnings
 import zipfile
 from collections.abc import Iterable, Mapping
@@ -27,6 +26,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ftwt._io import atomic_write
 from ftwt.errors import CheckpointError
 
 PathLike = str | os.PathLike
@@ -37,6 +37,7 @@ _MAPPINGS = {dict, collections.OrderedDict}
 _SEQUENCES = {list, tuple, set, frozenset}
 _WRAPPER_KEYS = ("state_dict", "model", "net")  # common layouts that nest the weights
 _PARALLEL_PREFIXES = ("module.", "_orig_mod.")  # added by DDP/DataParallel and torch.compile
+_EXTRA_STATE = "_extra_state"  # nn.Module's state_dict key for get_extra_state()
 # opcodes that import a global or call one: what plain tensor-and-data pickles get refused for
 _OBJECT_OPCODES = {"GLOBAL", "STACK_GLOBAL", "INST", "OBJ", "REDUCE", "NEWOBJ", "NEWOBJ_EX"}
 
@@ -95,30 +96,7 @@ def save_checkpoint(obj: dict, path: PathLike) -> None:
         CheckpointError: ``obj`` holds an object that ``weights_only`` loading would refuse.
     """
     _check_plain(obj)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        # also on KeyboardInterrupt: never leave a stray temporary file behind
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    try:
-        # persist the rename itself; not possible on every platform, hence best effort
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(dir_fd)
-    except OSError:
-        pass
-    finally:
-        os.close(dir_fd)
+    atomic_write(path, lambda f: torch.save(obj, f), durable=True)
 
 
 def load_checkpoint(path: PathLike, map_location: str | torch.device = "cpu") -> dict:
@@ -192,6 +170,12 @@ def _some(keys: list[str], n: int = 3) -> str:
     return ", ".join(keys[:n]) + (", ..." if len(keys) > n else "")
 
 
+def _optional_keys(model: nn.Module) -> set[str]:
+    """Extra-state entries of modules that declare them optional (added after older checkpoints)."""
+    return {f"{name}.{_EXTRA_STATE}" if name else _EXTRA_STATE for name, m in model.named_modules()
+            if getattr(m, "optional_extra_state", False)}
+
+
 def load_state_dict_into(
     model: nn.Module, state_dict: Mapping, strict: bool = True, ignore_prefixes: Iterable[str] = ()
 ) -> tuple[list[str], list[str]]:
@@ -205,7 +189,8 @@ def load_state_dict_into(
         state_dict: Checkpoint or state dict.
         strict: Raise on missing or unexpected keys.
         ignore_prefixes: Model keys starting with one of these may be missing (for example
-            gate parameters, ``"ftwt_gates."``); they keep their current values.
+            gate parameters, ``"ftwt_gates."``); they keep their current values. So may the
+            extra state of modules with ``optional_extra_state = True`` (gated units).
 
     Returns:
         ``(missing, unexpected)`` keys; ``missing`` leaves out the ignored prefixes. Both are
@@ -218,7 +203,8 @@ def load_state_dict_into(
     model_sd = model.state_dict()
     sd = _strip_prefixes(_extract_state_dict(state_dict), model_sd)
     ignore = tuple(ignore_prefixes)
-    missing = [k for k in model_sd if k not in sd and not (ignore and k.startswith(ignore))]
+    optional = _optional_keys(model)
+    missing = [k for k in model_sd if k not in sd and k not in optional and not (ignore and k.startswith(ignore))]
     unexpected = [k for k in sd if k not in model_sd]
     mismatched = [
         f"{k} (checkpoint {tuple(v.shape)} vs model {tuple(model_sd[k].shape)})"

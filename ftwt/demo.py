@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -20,6 +19,7 @@ from typing import Any
 
 import torch
 
+from ftwt._io import atomic_write_text
 from ftwt.train import TrainConfig, Trainer
 
 log = logging.getLogger(__name__)
@@ -42,17 +42,6 @@ class DemoConfig:
     device: str = "auto"  # CUDA if present, else CPU
     threads: int | None = 1  # CPU threads; at 16 px a second one saves little and, on shared cores, costs 5x
     progress: bool = True  # tqdm bars
-
-
-def _write_json(data: dict[str, Any], path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(json.dumps(data, indent=2, allow_nan=False) + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _summary(report: dict[str, Any]) -> dict[str, Any]:
@@ -145,7 +134,7 @@ def _run(cfg: DemoConfig) -> dict[str, Any]:
         "total_seconds": time.time() - start,
         "files": {"plot": str(plot), "dense": str(out / "dense"), "ftwt": str(out / "ftwt")},
     }
-    _write_json(result, out / "report.json")
+    atomic_write_text(out / "report.json", json.dumps(result, indent=2, allow_nan=False) + "\n")
     return result
 
 

@@ -19,7 +19,8 @@ from torch import nn
 from ftwt.errors import ConfigError
 from ftwt.flops import FlopsReport, measure
 from ftwt.gate import GateConfig
-from ftwt.surgery import attach_gates, detach_gates, gate_config, is_gated, mask_source, set_threshold
+from ftwt.record import record
+from ftwt.surgery import attach_gates, detach_gates, gate_config, is_gated, set_threshold
 
 
 @dataclass
@@ -62,7 +63,7 @@ def _perfect_gates(model: nn.Module, config: GateConfig) -> Iterator[nn.Module]:
     saved = gate_config(model)
     try:
         set_threshold(model, config.threshold, config.criterion)
-        with mask_source(model, "ground_truth"):
+        with record(model, masks="ground_truth"):
             yield model
     finally:
         set_threshold(model, saved.threshold, saved.criterion)

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from ftwt.gate import GatedUnit
+from ftwt.record import last_record
 from ftwt.surgery import GATES_ATTR, is_gated
 
 
@@ -176,14 +176,13 @@ class FlopsMeter:
         self._handles: list[Any] = []
         self._pending: list[tuple[str, nn.Module, torch.Tensor | None, tuple[int, ...], tuple[int, ...]]] = []
         self._acc: dict[str, _Acc] = {}
-        self._units: dict[str, GatedUnit] = {}
+        self._rec = last_record(model) if is_gated(model) else None
+        self._gates = {u.name: u.gate for u in self._rec.units} if self._rec is not None else {}
         self._per_sample: list[torch.Tensor] = []
         self._gate_total = 0.0
 
     def __enter__(self) -> FlopsMeter:
         gates = getattr(self.model, GATES_ATTR, None)
-        if is_gated(self.model):
-            self._units = {u.name: u for u in gates.values()}
         gate_modules = {id(m) for m in gates.modules()} if gates is not None else set()
         for name, module in self.model.named_modules():
             if id(module) in gate_modules:
@@ -214,8 +213,9 @@ class FlopsMeter:
         n = pending[0][3][0]
         total = torch.zeros(n, dtype=torch.float64)
         prev: tuple[int, torch.Tensor] | None = None  # (channels, kept count) of the previous gate
+        outputs = self._rec.outputs if self._rec is not None else {}
         for name, layer, active_in, in_shape, out_shape in pending:
-            unit = self._units.get(name)
+            unit = outputs.get(name)  # what the gated unit of this conv saw
             if isinstance(layer, nn.Linear):
                 macs = float(linear_macs(layer, in_shape))
                 acc = self._layer(name, "linear", False, layer.out_features, layer.in_features)
@@ -246,9 +246,10 @@ class FlopsMeter:
                 acc.labels += float(unit.labels.sum()) / layer.out_channels
                 acc.label_samples += n
             total += dyn
-            if unit is not None and unit.mask_source != "none":
+            if unit is not None and unit.logits is not None:
                 g = self._layer(name + ".gate", "gate", True, layer.out_channels, layer.in_channels)
-                gm = float(unit.gate_macs())
+                _, c, h, w = unit.in_shape
+                gm = float(self._gates[name].macs(c, h, w))
                 g.dynamic += gm * n
                 g.kept_out += n
                 g.kept_in += n

@@ -1,17 +1,18 @@
-"""Gates (mask predictors) and the gated unit that applies them.
+"""Gates: the mask predictors, and the config they are built from.
 
-A gate looks at a convolution's input and predicts, per sample, which output filters
-will fire (FTWT, arXiv 2110.08232, Sec. 3.2). :class:`GatedUnit` holds one gate and the
-two forward hooks that put it into an unchanged model: a pre-hook on the convolution
-runs the gate on the convolution's input, a hook on the unit's last module (the
-BatchNorm, or the convolution itself when none follows) multiplies the output by the mask.
+A gate looks at a convolution's input and predicts, per sample, which output filters will
+fire (FTWT, arXiv 2110.08232, Sec. 3.2). It is two small pieces: a feature extractor
+(:class:`PooledFeatures`: pool each input channel to ``d x d``, optional softmax) and a
+linear layer giving one logit per filter. A new kind of gate is a new feature extractor
+(any module with ``out_features(in_channels)``, ``macs(c, h, w)`` and ``forward``) wired
+in by :func:`build_gate`; how logits become a mask is the unit's
+:meth:`~ftwt.unit.GatedUnit.decide`.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import torch
@@ -19,27 +20,18 @@ import torch.nn.functional as F
 from torch import nn
 
 from ftwt._config import config_from_dict
-from ftwt.criteria import CRITERIA, ground_truth
+from ftwt.criteria import CRITERIA
 from ftwt.errors import ConfigError
 
 MODES = ("decoupled", "joint")
-MASK_SOURCES = ("gate", "ground_truth", "none")
-
-# Activations after the unit: labels are taken on the activated output, since a filter
-# that ReLU silences for a sample does not fire for it. All map 0 to 0, so masking before
-# them equals masking after them.
-ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
-    "relu": F.relu,
-    "relu6": F.relu6,
-    "hardswish": F.hardswish,
-    "silu": F.silu,
-    "gelu": F.gelu,
-}
 
 
 @dataclass
 class GateConfig:
-    """How gates are built and trained; the defaults are the reference code's."""
+    """How gates are built and trained; the defaults are the reference code's.
+
+    Every check lives in :meth:`validate`, which construction and :meth:`replace` run.
+    """
 
     criterion: str = "mass"  # ground-truth rule: "mass" (threshold r) or "uniform" (ratio rho)
     threshold: float = 0.9  # r for "mass", rho for "uniform"
@@ -50,6 +42,10 @@ class GateConfig:
     decision: float = 0.5  # a filter is computed iff sigmoid(logit) > decision
 
     def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise :class:`ConfigError` for any value out of range."""
         if self.criterion not in CRITERIA:
             raise ConfigError(f"unknown criterion {self.criterion!r}; choose from {sorted(CRITERIA)}")
         if self.criterion == "mass" and not 0.0 < self.threshold <= 1.0:
@@ -65,6 +61,10 @@ class GateConfig:
         if not 0.0 < self.decision < 1.0:
             raise ConfigError(f"decision threshold must be in (0, 1), got {self.decision}")
 
+    def replace(self, **changes: Any) -> GateConfig:
+        """A validated copy with ``changes`` applied."""
+        return replace(self, **changes)
+
     def pool_size(self, in_channels: int) -> int:
         """Pool size ``d`` for a unit with ``in_channels`` inputs."""
         if self.embed_target is None:
@@ -79,126 +79,62 @@ class GateConfig:
         return config_from_dict(cls, data, "gate option(s)")
 
 
+class PooledFeatures(nn.Module):
+    """The gate's input features: adaptive average pool to ``pool x pool``, flatten, optional softmax."""
+
+    def __init__(self, pool: int = 1, softmax: bool = True) -> None:
+        super().__init__()
+        self.pool = pool
+        self.softmax = softmax
+
+    def out_features(self, in_channels: int) -> int:
+        return in_channels * self.pool * self.pool
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = F.adaptive_avg_pool2d(x, self.pool).flatten(1)
+        return z.softmax(dim=1) if self.softmax else z
+
+    def macs(self, in_channels: int, height: int, width: int) -> int:
+        """Pooling reads every input value once."""
+        return in_channels * height * width
+
+
 class Gate(nn.Module):
-    """Pool, optional softmax, then one logit per output filter.
+    """Features of the unit's input, then one logit per output filter.
 
     Args:
         in_channels: channels of the unit's input.
         out_channels: filters of the unit.
         pool: adaptive average pool size ``d``.
         softmax: apply softmax over the pooled features.
+        features: a feature extractor to use instead of :class:`PooledFeatures`.
     """
 
-    def __init__(self, in_channels: int, out_channels: int, pool: int = 1, softmax: bool = True) -> None:
+    def __init__(self, in_channels: int, out_channels: int, pool: int = 1, softmax: bool = True,
+                 features: nn.Module | None = None) -> None:
         super().__init__()
-        self.pool = pool
-        self.softmax = softmax
-        self.fc = nn.Linear(in_channels * pool * pool, out_channels)
+        self.features = features if features is not None else PooledFeatures(pool, softmax)
+        self.fc = nn.Linear(self.features.out_features(in_channels), out_channels)
+
+    @property
+    def pool(self) -> int:
+        return self.features.pool
+
+    @property
+    def softmax(self) -> bool:
+        return self.features.softmax
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        z = F.adaptive_avg_pool2d(x, self.pool).flatten(1)
-        if self.softmax:
-            z = z.softmax(dim=1)
-        return self.fc(z)
+        return self.fc(self.features(x))
 
     def macs(self, in_channels: int, height: int, width: int) -> int:
-        """Per-sample cost: pooling reads every input value once, then the linear layer."""
-        return in_channels * height * width + self.fc.in_features * self.fc.out_features
+        """Per-sample cost: the features, then the linear layer."""
+        return self.features.macs(in_channels, height, width) + self.fc.in_features * self.fc.out_features
 
 
-@dataclass(frozen=True)
-class UnitSpec:
-    """Where a gated unit sits in a model.
-
-    Attributes:
-        conv: qualified name of the ``nn.Conv2d``.
-        norm: qualified name of the BatchNorm applied to its output, or None.
-        act: activation applied after the unit (a key of ``ACTIVATIONS``) or None.
-    """
-
-    conv: str
-    norm: str | None = None
-    act: str | None = None
-
-    @property
-    def tail(self) -> str:
-        """The module whose output is masked."""
-        return self.norm or self.conv
+def build_gate(config: GateConfig, in_channels: int, out_channels: int) -> Gate:
+    """The gate ``config`` asks for, for a unit of ``in_channels`` inputs and ``out_channels`` filters."""
+    return Gate(in_channels, out_channels, config.pool_size(in_channels), config.softmax)
 
 
-class GatedUnit(nn.Module):
-    """One gate plus the per-forward state of its unit.
-
-    After each forward of the model: ``logits`` ``(N, C_out)`` (with gradient in training),
-    ``mask`` ``(N, C_out)`` bool (the mask applied), ``labels`` ``(N, C_out)`` bool or None
-    (ground truth, when collected), ``in_shape`` and ``out_shape`` of the convolution.
-    """
-
-    def __init__(self, spec: UnitSpec, conv: nn.Conv2d, config: GateConfig) -> None:
-        super().__init__()
-        self.spec = spec
-        self.in_channels = conv.in_channels
-        self.out_channels = conv.out_channels
-        self.gate = Gate(conv.in_channels, conv.out_channels, config.pool_size(conv.in_channels), config.softmax)
-        self.criterion = config.criterion
-        self.threshold = config.threshold
-        self.mode = config.mode
-        self.decision = config.decision
-        self.mask_source = "gate"  # "gate" | "ground_truth" | "none"
-        self.label_mode = "train"  # compute ground truth: "train" (training forwards), "always", "never"
-        self.logits: torch.Tensor | None = None
-        self.mask: torch.Tensor | None = None
-        self.labels: torch.Tensor | None = None
-        self.in_shape: tuple[int, ...] | None = None
-        self.out_shape: tuple[int, ...] | None = None
-        self._handles: list[Any] = []
-
-    @property
-    def name(self) -> str:
-        return self.spec.conv
-
-    def extra_repr(self) -> str:
-        return f"{self.spec.conv}: {self.in_channels} -> {self.out_channels}, {self.criterion}={self.threshold}"
-
-    def predict(self, x: torch.Tensor) -> torch.Tensor:
-        """Boolean mask ``(N, C_out)`` the gate predicts for input ``x``."""
-        with torch.no_grad():
-            return torch.sigmoid(self.gate(x)) > self.decision
-
-    def gate_macs(self) -> int:
-        """Per-sample cost of this gate for the last input seen."""
-        if self.in_shape is None:
-            raise RuntimeError(f"{self.name}: no forward pass seen yet")
-        _, c, h, w = self.in_shape
-        return self.gate.macs(c, h, w)
-
-    # Hooks -------------------------------------------------------------------------
-    def _on_input(self, module: nn.Module, args: tuple[Any, ...]) -> None:
-        x = args[0]
-        self.in_shape = tuple(x.shape)
-        self.labels = None
-        self.mask = None
-        if self.mask_source == "none":
-            self.logits = None
-            return
-        gate_in = x.detach() if self.mode == "decoupled" else x
-        self.logits = self.gate(gate_in)
-        if self.mask_source == "gate":
-            # No gradient through the decision: the task loss never trains the gate.
-            with torch.no_grad():
-                self.mask = torch.sigmoid(self.logits) > self.decision
-
-    def _on_output(self, module: nn.Module, args: tuple[Any, ...], y: torch.Tensor) -> torch.Tensor | None:
-        self.out_shape = tuple(y.shape)
-        needs_labels = self.mask_source == "ground_truth" or self.label_mode == "always" or (
-            self.label_mode == "train" and self.training
-        )
-        if needs_labels:
-            act = ACTIVATIONS.get(self.spec.act or "", None)
-            fired = act(y.detach()) if act is not None else y
-            self.labels = ground_truth(fired, self.criterion, self.threshold)
-        if self.mask_source == "ground_truth":
-            self.mask = self.labels
-        if self.mask is None:
-            return None
-        return y * self.mask[:, :, None, None].to(y.dtype)
+__all__ = ["MODES", "Gate", "GateConfig", "PooledFeatures", "build_gate"]

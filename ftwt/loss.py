@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ftwt.surgery import gated_units
+from ftwt.record import Record, last_record
 
 
 def unit_loss(logits: torch.Tensor, labels: torch.Tensor, balance: bool = False) -> torch.Tensor:
@@ -32,8 +32,8 @@ def unit_loss(logits: torch.Tensor, labels: torch.Tensor, balance: bool = False)
     return bce.mean(0).sum()
 
 
-def mask_loss(model: nn.Module, balance: bool = False) -> torch.Tensor:
-    """Mask loss of the last training forward of a gated ``model``.
+def mask_loss(model: nn.Module | Record, balance: bool = False) -> torch.Tensor:
+    """Mask loss of the last training forward of a gated ``model`` (or of a :class:`~ftwt.Record`).
 
     Call after ``model(x)`` in training mode; add ``lambda * mask_loss(model)`` to the task
     loss. Units that computed no labels (evaluation mode, or labels switched off) are
@@ -44,11 +44,12 @@ def mask_loss(model: nn.Module, balance: bool = False) -> torch.Tensor:
         >>> loss = F.cross_entropy(out, targets) + mask_loss(model)
         >>> loss.backward()
     """
+    rec = model if isinstance(model, Record) else last_record(model)
     terms = [
-        unit_loss(u.logits, u.labels, balance)
-        for u in gated_units(model)
-        if u.logits is not None and u.labels is not None
+        unit_loss(out.logits, out.labels, balance)
+        for out in rec.outputs.values()
+        if out.logits is not None and out.labels is not None
     ]
     if not terms:
-        return sum((p.sum() * 0 for p in gated_units(model)[0].parameters()), torch.zeros(()))
+        return sum((p.sum() * 0 for p in rec.units[0].parameters()), torch.zeros(()))
     return torch.stack(terms).mean()

@@ -8,11 +8,11 @@ written atomically (temporary file, then ``os.replace``).
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from ftwt._io import atomic_write
 from ftwt.errors import ConfigError
 
 # kind -> (marker, colour, legend label); unknown kinds fall back to "ftwt"'s style
@@ -34,17 +34,8 @@ def _figure(width: float, height: float) -> Any:
 
 
 def _save(fig: Any, path: str | os.PathLike) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            fig.savefig(f, format=path.suffix.lstrip(".") or "png", bbox_inches="tight")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    fmt = Path(path).suffix.lstrip(".") or "png"
+    return atomic_write(path, lambda f: fig.savefig(f, format=fmt, bbox_inches="tight"))
 
 
 def plot_accuracy_vs_flops(points: Sequence[dict[str, Any]], path: str | os.PathLike, title: str | None = None) -> Path:

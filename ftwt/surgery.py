@@ -14,47 +14,16 @@ from collections import Counter
 from collections.abc import Iterator, Sequence
 from fnmatch import fnmatch
 
-import torch
-import torch.fx
-import torch.nn.functional as F
 from torch import nn
 
+from ftwt._ops import NORMS, act_after, activation, trace
 from ftwt.errors import ConfigError, UnsupportedLayerError
-from ftwt.gate import MASK_SOURCES, GateConfig, GatedUnit, UnitSpec
+from ftwt.gate import GateConfig
+from ftwt.record import record
+from ftwt.unit import GatedUnit, UnitSpec
 
 GATES_ATTR = "ftwt_gates"
-
-_NORMS = (nn.BatchNorm2d, nn.SyncBatchNorm)
-_ACT_MODULES = {nn.ReLU: "relu", nn.ReLU6: "relu6", nn.Hardswish: "hardswish", nn.SiLU: "silu", nn.GELU: "gelu"}
-_ACT_FUNCTIONS = {
-    F.relu: "relu",
-    torch.relu: "relu",
-    F.relu6: "relu6",
-    F.hardswish: "hardswish",
-    F.silu: "silu",
-    F.gelu: "gelu",
-}
-_ACT_METHODS = {"relu": "relu", "relu_": "relu"}
-
-
-def _trace(model: nn.Module) -> torch.fx.GraphModule:
-    try:
-        return torch.fx.symbolic_trace(model)
-    except Exception as exc:  # fx raises many types for untraceable Python
-        raise UnsupportedLayerError(
-            f"could not trace {type(model).__name__} with torch.fx ({type(exc).__name__}: {exc}); "
-            "pass the units explicitly: attach_gates(model, units=[UnitSpec(conv=..., norm=..., act=...)])"
-        ) from exc
-
-
-def _activation(node: torch.fx.Node, modules: dict[str, nn.Module]) -> str | None:
-    if node.op == "call_module":
-        return _ACT_MODULES.get(type(modules[node.target]))
-    if node.op == "call_function":
-        return _ACT_FUNCTIONS.get(node.target)
-    if node.op == "call_method":
-        return _ACT_METHODS.get(node.target)
-    return None
+_LABEL_MODES = {"train": None, "always": True, "never": False}
 
 
 def _selected(name: str, include: Sequence[str] | None, exclude: Sequence[str]) -> bool:
@@ -83,7 +52,7 @@ def find_units(
     Raises:
         UnsupportedLayerError: a selected layer cannot be gated; the message names it.
     """
-    gm = _trace(model)
+    gm = trace(model)
     modules = dict(gm.named_modules())
     calls = Counter(n.target for n in gm.graph.nodes if n.op == "call_module")
     units: list[UnitSpec] = []
@@ -104,7 +73,7 @@ def find_units(
                 f"exclude it with exclude=[{name!r}]"
             )
         users = list(node.users)
-        norm_users = [u for u in users if u.op == "call_module" and isinstance(modules[u.target], _NORMS)]
+        norm_users = [u for u in users if u.op == "call_module" and isinstance(modules[u.target], NORMS)]
         tail, norm = node, None
         if norm_users:
             if len(users) > 1 or calls[norm_users[0].target] > 1:
@@ -113,8 +82,8 @@ def find_units(
                     f"so no mask can zero it after the norm; exclude it with exclude=[{name!r}]"
                 )
             tail, norm = norm_users[0], norm_users[0].target
-        after = list(tail.users)
-        act = _activation(after[0], modules) if len(after) == 1 else None
+        act_node = act_after(tail, modules)
+        act = activation(act_node, modules) if act_node is not None else None
         units.append(UnitSpec(conv=name, norm=norm, act=act))
     return units
 
@@ -170,7 +139,6 @@ def attach_gates(
             named[spec.tail].register_forward_hook(unit._on_output),
         ]
         gates[_key(spec.conv)] = unit
-    gates.ftwt_config = config.to_dict()
     setattr(model, GATES_ATTR, gates)
     gates.train(model.training)
     return model
@@ -202,21 +170,19 @@ def gated_units(model: nn.Module) -> list[GatedUnit]:
 
 
 def gate_config(model: nn.Module) -> GateConfig:
-    """The :class:`GateConfig` the gates were attached with (thresholds as set now)."""
-    units = gated_units(model)
-    data = dict(getattr(model, GATES_ATTR).ftwt_config)
-    data.update(threshold=units[0].threshold, decision=units[0].decision)
-    return GateConfig.from_dict(data)
+    """The :class:`GateConfig` the gates were attached with, with the first unit's current
+    criterion, threshold and decision."""
+    unit = gated_units(model)[0]
+    return unit.config.replace(criterion=unit.criterion, threshold=unit.threshold, decision=unit.decision)
 
 
 def set_threshold(model: nn.Module, threshold: float, criterion: str | None = None) -> None:
     """Change the ground-truth threshold (and criterion) of every unit."""
     units = gated_units(model)
-    GateConfig(criterion=criterion or units[0].criterion, threshold=threshold)  # validates
+    criterion = criterion or units[0].criterion
+    units[0].config.replace(criterion=criterion, threshold=threshold)  # validates
     for unit in units:
-        unit.threshold = threshold
-        if criterion is not None:
-            unit.criterion = criterion
+        unit.criterion, unit.threshold = criterion, float(threshold)
 
 
 def set_decision(model: nn.Module, decision: float | Sequence[float]) -> None:
@@ -226,13 +192,13 @@ def set_decision(model: nn.Module, decision: float | Sequence[float]) -> None:
     if len(values) != len(units):
         raise ConfigError(f"got {len(values)} decision thresholds for {len(units)} units")
     for unit, value in zip(units, values, strict=True):
-        GateConfig(decision=value)  # validates
+        unit.config.replace(decision=value)  # validates
         unit.decision = float(value)
 
 
 @contextlib.contextmanager
 def mask_source(model: nn.Module, source: str, labels: str | None = None) -> Iterator[None]:
-    """Temporarily choose which mask the units apply.
+    """Temporarily choose which mask the units apply: :func:`ftwt.record` with string modes.
 
     Args:
         model: a gated model.
@@ -241,27 +207,23 @@ def mask_source(model: nn.Module, source: str, labels: str | None = None) -> Ite
         labels: optionally also set when labels are computed: ``"train"``, ``"always"``,
             ``"never"``.
     """
-    if source not in MASK_SOURCES:
-        raise ConfigError(f"unknown mask source {source!r}; choose from {list(MASK_SOURCES)}")
-    units = gated_units(model)
-    saved = [(u.mask_source, u.label_mode) for u in units]
-    try:
-        for unit in units:
-            unit.mask_source = source
-            if labels is not None:
-                unit.label_mode = labels
+    if labels is not None:
+        _label_mode(labels)  # validates
+    with record(model, masks=source, labels={"always": True, "never": False}.get(labels, labels)):
         yield
-    finally:
-        for unit, (src, lab) in zip(units, saved, strict=True):
-            unit.mask_source, unit.label_mode = src, lab
+
+
+def _label_mode(mode: str) -> bool | None:
+    if mode not in _LABEL_MODES:
+        raise ConfigError(f"unknown label mode {mode!r}; choose from {list(_LABEL_MODES)}")
+    return _LABEL_MODES[mode]
 
 
 def set_label_mode(model: nn.Module, mode: str) -> None:
-    """When the units compute ground truth: ``"train"``, ``"always"`` or ``"never"``."""
-    if mode not in ("train", "always", "never"):
-        raise ConfigError(f"unknown label mode {mode!r}; choose from ['train', 'always', 'never']")
+    """When the units compute ground truth outside :func:`ftwt.record`: ``"train"``, ``"always"`` or ``"never"``."""
+    value = _label_mode(mode)
     for unit in gated_units(model):
-        unit.label_mode = mode
+        unit.labels_on = value
 
 
 def gate_parameters(model: nn.Module) -> list[nn.Parameter]:

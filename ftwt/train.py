@@ -654,7 +654,7 @@ class Trainer:
         return self._last_report
 
     def _finish(self) -> dict[str, Any]:
-        from ftwt.evaluate import write_report
+        from ftwt.report import write_report
 
         cfg = self.config
         report = self._last_report
@@ -691,7 +691,7 @@ class Trainer:
         ``sigmoid(l) > t`` iff ``l - logit(t) > 0``, so the masks stay the same while the
         state_dict alone reproduces them (checkpoints and ``ftwt eval`` need no extra key).
         """
-        from ftwt.evaluate import calibrate_decisions
+        from ftwt.calibrate import calibrate_decisions
 
         self._seed_epoch(epoch)  # the same batches whether or not the run was resumed
         decisions = calibrate_decisions(self.model, self.train_loader, self.device,

@@ -31,7 +31,7 @@ def test_estimate_leaves_the_model_as_it_was(model_and_data):
 
     gated = attach_gates(get_model("resnet20"), GateConfig(threshold=0.9))
     estimate(gated, data, 0.5)
-    assert all(u.threshold == 0.9 and u.mask_source == "gate" for u in gated_units(gated))
+    assert all(u.threshold == 0.9 and u.masks == "gate" for u in gated_units(gated))
 
 
 def test_r_equal_one_prunes_exactly_the_dead_filters():

@@ -18,7 +18,9 @@ from ftwt.cli import main
 from ftwt.data import DataConfig, build_datasets
 from ftwt.errors import DataError
 from ftwt.estimate import estimate
-from ftwt.evaluate import DECISION_RANGE, calibrate_decisions, evaluate, write_report
+from ftwt.calibrate import DECISION_RANGE, calibrate_decisions
+from ftwt.evaluate import evaluate
+from ftwt.report import write_report
 from ftwt.flops import measure
 from ftwt.gate import GateConfig
 from ftwt.models import get_model

@@ -94,7 +94,7 @@ def test_mask_sources():
     with mask_source(model, "ground_truth"):
         model(x)
         assert all(torch.equal(u.mask, u.labels) for u in gated_units(model))
-    assert all(u.mask_source == "gate" for u in gated_units(model))  # restored
+    assert all(u.masks == "gate" for u in gated_units(model))  # restored
 
 
 def test_gates_follow_config():

@@ -16,7 +16,8 @@ from torch.utils.data import DataLoader
 from ftwt.cli._common import add_json_arg, load_trained, positive, print_json, print_table, resolve_device
 from ftwt.data import DataConfig, build_datasets
 from ftwt.errors import ConfigError
-from ftwt.evaluate import evaluate, write_report
+from ftwt.evaluate import evaluate
+from ftwt.report import write_report
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:

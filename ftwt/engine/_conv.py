@@ -14,11 +14,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ftwt._ops import ACTIVATIONS
 from ftwt.engine import _native
 from ftwt.engine._compact import Compact, live_channels
 from ftwt.engine.fold import fold_bn
 from ftwt.errors import ConfigError, UnsupportedLayerError
-from ftwt.gate import GatedUnit
+from ftwt.unit import GatedUnit
 
 # Up to this many output positions (N*H'*W') a convolution is im2col + one MKL GEMM: it needs
 # no per-shape kernel compilation, unlike oneDNN's conv2d (measured on AMD EPYC, see the package doc).
@@ -34,17 +35,6 @@ NATIVE_MAX_POSITIONS = 1024
 # Up to this many weight values, a (filters, inputs) block is gathered one dimension at a time.
 _SMALL_WEIGHT = 65536
 _SEEN_SHAPES = 16  # shapes remembered per layer: oneDNN's kernel cache holds 1024 in all
-
-# In-place activations for a fresh conv output (the engine owns that buffer).
-_ACT_INPLACE = {
-    "relu": torch.relu_,
-    "relu6": lambda t: F.hardtanh_(t, 0.0, 6.0),
-    "hardswish": lambda t: F.hardswish(t, inplace=True),
-    "silu": lambda t: F.silu(t, inplace=True),
-    "gelu": F.gelu,
-}
-_NONNEG = ("relu", "relu6")
-
 
 def _im2col(x: Tensor, k: tuple[int, int], stride: tuple[int, int], dil: tuple[int, int], out_hw: tuple[int, int]) -> Tensor:
     """``(C*kh*kw, N*H'*W')`` patches of an already padded ``(N, C, H, W)`` tensor."""
@@ -63,7 +53,7 @@ class SparseConv:
         conv: the convolution.
         bn: the BatchNorm after it, folded in, or None.
         unit: its gated unit, or None for a convolution that computes every filter.
-        act: activation applied to the output (a key of ``_ACT_INPLACE``) or None.
+        act: activation applied to the output (a key of ``ftwt._ops.ACTIVATIONS``) or None.
         round_to: round each kept-filter count up to a multiple of this (extra filters are
             computed, then zeroed).
         trim_inputs: drop input channels that are all zero before computing.
@@ -82,8 +72,9 @@ class SparseConv:
         native: bool = False,
     ) -> None:
         self.name, self.unit, self.round_to, self.trim_inputs = name, unit, round_to, trim_inputs
-        self.act = _ACT_INPLACE[act] if act is not None else None
-        self.nonneg = act in _NONNEG
+        # in place: a fresh conv output is the engine's own buffer
+        self.act = ACTIVATIONS[act].inplace if act is not None else None
+        self.nonneg = act is not None and ACTIVATIONS[act].nonneg
         weight, bias = fold_bn(conv, bn)
         self.c_in, self.c_out, self.groups = conv.in_channels, conv.out_channels, conv.groups
         self.kernel = tuple(conv.kernel_size)

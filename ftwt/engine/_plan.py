@@ -22,9 +22,10 @@ from torch import nn
 
 from ftwt.engine._compact import Compact, add, cat_channels, pad_channels, widen
 from ftwt.engine._conv import SparseConv
-from ftwt.engine._ops import NORMS, channelwise, fusable_act
+from ftwt._ops import ACTIVATIONS, act_after, activation, norm_after
+from ftwt.engine._channelwise import channelwise
 from ftwt.errors import UnsupportedLayerError
-from ftwt.gate import GatedUnit
+from ftwt.unit import GatedUnit
 
 Step = Callable[[list], None]
 
@@ -124,27 +125,28 @@ class Plan:
     def _conv(self, node: torch.fx.Node, conv: nn.Conv2d) -> None:
         name = node.target
         unit = self.units.get(name)
-        users = list(node.users)
-        bn, tail = None, node
-        if len(users) == 1 and users[0].op == "call_module" and isinstance(self.modules[users[0].target], NORMS):
-            candidate = self.modules[users[0].target]
-            if candidate.running_var is not None and not candidate.training:
-                bn, tail = candidate, users[0]
-        if unit is not None and (unit.spec.norm or None) != (tail.target if bn is not None else None):
+        norm = norm_after(node, self.modules)
+        if unit is not None and (unit.spec.norm or None) != (norm.target if norm is not None else None):
             raise UnsupportedLayerError(
                 f"{name}: its gate masks the output of {unit.spec.tail!r}, but the graph feeds the conv into "
-                f"{[u.target for u in users]}; the engine cannot fold that unit"
+                f"{[u.target for u in node.users]}; the engine cannot fold that unit"
             )
-        act = None
-        after = list(tail.users)
-        if len(after) == 1 and after[0].args and after[0].args[0] is tail:
-            act = fusable_act(after[0], self.modules)
+        bn, tail = None, node
+        if norm is not None and self.modules[norm.target].running_var is not None and not self.modules[norm.target].training:
+            bn, tail = self.modules[norm.target], norm
+        elif unit is not None and norm is not None:
+            raise UnsupportedLayerError(f"{name}: the engine folds only eval-mode norms with running statistics")
+        act_node = act_after(tail, self.modules, strict=True)
+        act = activation(act_node, self.modules, strict=True) if act_node is not None else None
+        if unit is not None and act != unit.spec.act:
+            act_node, act = None, None  # the unit's spec says what follows it; run the op as the graph has it
+        after = [act_node] if act_node is not None else []
         key = name if name not in self.convs else f"{name}@{node.name}"
         sparse = SparseConv(name, conv, bn, unit, act, self.round_to, trim_inputs=self.round_to == 1, native=self.native)
         self.convs[key] = sparse
         src = self._generic_args(node.args[0])
         dst = self._new_slot(node)
-        for absorbed in ([tail] if tail is not node else []) + ([after[0]] if act is not None else []):
+        for absorbed in ([tail] if tail is not node else []) + after:
             self.slot[absorbed] = dst
             self._absorbed.add(absorbed)
 
@@ -171,9 +173,10 @@ class Plan:
     def _add_step(self, node: torch.fx.Node) -> None:
         a, b = self.slot[node.args[0]], self.slot[node.args[1]]
         dst = self._new_slot(node)
-        after = list(node.users)
-        act = fusable_act(after[0], self.modules) if len(after) == 1 and after[0].args[0] is node else None
-        inplace = {"relu": torch.relu_, "relu6": partial(F.hardtanh_, min_val=0.0, max_val=6.0)}.get(act)
+        act_node = act_after(node, self.modules, strict=True)
+        act = activation(act_node, self.modules, strict=True) if act_node is not None else None
+        inplace = ACTIVATIONS[act].inplace if act is not None and ACTIVATIONS[act].nonneg else None
+        after = [act_node]
         if inplace is not None:
             # The sum is a fresh buffer, so its only consumer (an activation) may run in place.
             self.slot[after[0]] = dst

@@ -7,6 +7,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ftwt._ops import trace
 from ftwt.engine import _native
 from ftwt.engine._compact import Compact, widen
 from ftwt.engine._plan import Plan
@@ -72,10 +73,7 @@ class SparseEngine:
         on_cpu = all(p.device.type == "cpu" for p in model.parameters())
         self.native = on_cpu and _native.available(kernel)
         units = {u.name: u for u in gated_units(model)}
-        try:
-            gm = torch.fx.symbolic_trace(model)
-        except Exception as exc:  # fx raises many types for untraceable Python
-            raise UnsupportedLayerError(f"could not trace {type(model).__name__} with torch.fx: {exc}") from exc
+        gm = trace(model)
         with torch.no_grad():
             self.plan = Plan(gm, units, round_to, native=self.native)
         if len(self.plan.inputs) != 1:

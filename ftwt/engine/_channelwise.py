@@ -16,45 +16,22 @@ import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
-# Zero-preserving, channel-wise activations (f(0) = 0, each value on its own), run out of
-# place since compact buffers may be shared between nodes.
-_ACT_MODULES: dict[type, Callable[[nn.Module], Callable[[torch.Tensor], torch.Tensor]]] = {
-    nn.ReLU: lambda m: torch.relu,
-    nn.ReLU6: lambda m: F.relu6,
-    nn.Hardswish: lambda m: F.hardswish,
-    nn.SiLU: lambda m: F.silu,
-    nn.GELU: lambda m: partial(F.gelu, approximate=m.approximate),
+from ftwt._ops import ACTIVATIONS, activation
+
+# Channel-wise ops that keep zero channels zero and are not unit activations (those are
+# ftwt._ops.ACTIVATIONS), run out of place since compact buffers may be shared between nodes.
+_EXTRA_MODULES: dict[type, Callable[[nn.Module], Callable[[torch.Tensor], torch.Tensor]]] = {
     nn.LeakyReLU: lambda m: partial(F.leaky_relu, negative_slope=m.negative_slope),
     nn.ELU: lambda m: partial(F.elu, alpha=m.alpha),
     nn.Tanh: lambda m: torch.tanh,
     nn.Identity: lambda m: _identity,
 }
-_ACT_FUNCTIONS = {torch.relu, F.relu, F.relu6, F.hardswish, F.silu, F.gelu, F.leaky_relu, F.elu, torch.tanh, F.hardtanh}
-_ACT_METHODS = {"relu", "relu_", "tanh"}
-# Names the fused activation of a conv step goes by (see _conv._ACT_INPLACE).
-_FUSABLE = {nn.ReLU: "relu", nn.ReLU6: "relu6", nn.Hardswish: "hardswish", nn.SiLU: "silu", torch.relu: "relu",
-            F.relu: "relu", F.relu6: "relu6", F.hardswish: "hardswish", F.silu: "silu", "relu": "relu"}
+_EXTRA_FUNCTIONS = {F.leaky_relu, F.elu, torch.tanh, F.hardtanh}
 _POOL_MODULES = (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
 _POOL_FUNCTIONS = {F.max_pool2d, F.avg_pool2d, F.adaptive_avg_pool2d, F.adaptive_max_pool2d}
-NORMS = (nn.BatchNorm2d,)  # folded into the convolution before them
 _INPLACE_KW = ("inplace",)
 # Below this many values the conversion to oneDNN's format costs more than the pooling saves.
 _ONEDNN_MIN_NUMEL = 32768 if torch.backends.mkldnn.is_available() else 1 << 62
-
-
-def fusable_act(node: torch.fx.Node, modules: dict[str, nn.Module]) -> str | None:
-    """Name of the activation ``node`` applies to its single tensor input, if it can run inside a conv step."""
-    if len(node.args) != 1 or any(k not in _INPLACE_KW for k in node.kwargs):
-        return None
-    if node.op == "call_module":
-        module = modules[node.target]
-        name = _FUSABLE.get(type(module))
-        return name if type(module) is not nn.GELU else None
-    if node.op == "call_function" and node.target in _FUSABLE:
-        return _FUSABLE[node.target]
-    if node.op == "call_method" and node.target in ("relu", "relu_"):
-        return "relu"
-    return None
 
 
 def channelwise(node: torch.fx.Node, modules: dict[str, nn.Module]) -> tuple[Callable, bool | None] | None:
@@ -63,11 +40,14 @@ def channelwise(node: torch.fx.Node, modules: dict[str, nn.Module]) -> tuple[Cal
     Returns ``(fn, nonneg)`` with ``nonneg`` True when the output is always >= 0, None when
     it is >= 0 whenever the input is, False otherwise; or None when the node is not such an op.
     """
+    name = activation(node, modules)
+    if name is not None and (node.op != "call_function" or len(node.args) == 1):
+        act = ACTIVATIONS[name]
+        return act.fn, act.nonneg
     if node.op == "call_module":
         module = modules[node.target]
-        if type(module) in _ACT_MODULES:
-            nonneg = True if isinstance(module, (nn.ReLU, nn.ReLU6)) else None if isinstance(module, nn.Identity) else False
-            return _ACT_MODULES[type(module)](module), nonneg
+        if type(module) in _EXTRA_MODULES:
+            return _EXTRA_MODULES[type(module)](module), None if isinstance(module, nn.Identity) else False
         if isinstance(module, nn.Hardtanh) and module.min_val <= 0 <= module.max_val:
             return partial(F.hardtanh, min_val=module.min_val, max_val=module.max_val), module.min_val >= 0 or None
         if isinstance(module, (nn.Dropout, nn.Dropout2d)) and not module.training:
@@ -81,7 +61,7 @@ def channelwise(node: torch.fx.Node, modules: dict[str, nn.Module]) -> tuple[Cal
     if any(isinstance(a, torch.fx.Node) for a in (*args, *kwargs.values())):
         return None
     target = node.target
-    if node.op == "call_function" and target in _ACT_FUNCTIONS:
+    if node.op == "call_function" and (target in _EXTRA_FUNCTIONS or activation(node, modules)):
         if target is F.hardtanh and not _hardtanh_keeps_zero(args, kwargs):
             return None
         return _bind(target, args, kwargs), True if target in (torch.relu, F.relu, F.relu6) else False
@@ -93,8 +73,8 @@ def channelwise(node: torch.fx.Node, modules: dict[str, nn.Module]) -> tuple[Cal
         return _bind(target, args, kwargs), None
     if node.op == "call_function" and target is F.dropout and kwargs.get("training", True) is False:
         return _identity, None
-    if node.op == "call_method" and target in _ACT_METHODS and not args and not kwargs:
-        return getattr(torch, target.rstrip("_")), target != "tanh"
+    if node.op == "call_method" and target == "tanh" and not args and not kwargs:
+        return torch.tanh, False
     return None
 
 

@@ -1,0 +1,188 @@
+"""The gated unit: one gate, its state, and the two hooks that put it into an unchanged model.
+
+A pre-hook on the convolution runs the gate on the convolution's input; a hook on the
+unit's last module (the norm, or the convolution when none follows) computes the labels
+when asked and multiplies the output by the mask. What a unit decides with is module state
+that ``state_dict`` carries (criterion, threshold, decision; see
+:meth:`GatedUnit.get_extra_state`); what it saw in the last forward is :attr:`GatedUnit.last`.
+Which mask it applies and whether it builds labels is set by :func:`ftwt.record` only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from ftwt._ops import ACTIVATIONS
+from ftwt.criteria import ground_truth
+from ftwt.gate import GateConfig, build_gate
+
+MASK_SOURCES = ("gate", "ground_truth", "none")
+# A mask rule chosen by ``record(masks=fn)``: (unit, logits, labels) -> (N, C_out) bool.
+MaskFn = Callable[["GatedUnit", torch.Tensor | None, torch.Tensor | None], torch.Tensor | None]
+_STATE_KEYS = ("criterion", "threshold", "decision")
+
+
+@dataclass(frozen=True)
+class UnitSpec:
+    """Where a gated unit sits in a model.
+
+    Attributes:
+        conv: qualified name of the ``nn.Conv2d``.
+        norm: qualified name of the norm applied to its output, or None.
+        act: activation applied after the unit (a key of ``ftwt._ops.ACTIVATIONS``) or None.
+    """
+
+    conv: str
+    norm: str | None = None
+    act: str | None = None
+
+    @property
+    def tail(self) -> str:
+        """The module whose output is masked."""
+        return self.norm or self.conv
+
+
+@dataclass
+class UnitOutput:
+    """What one unit saw in one forward.
+
+    Attributes:
+        logits: ``(N, C_out)`` gate logits (with gradient in training), None when no gate ran.
+        mask: ``(N, C_out)`` bool, the mask applied, or None (dense).
+        labels: ``(N, C_out)`` bool ground truth, or None when not collected.
+        in_shape: shape of the convolution's input.
+        out_shape: shape of the masked output.
+    """
+
+    logits: torch.Tensor | None
+    mask: torch.Tensor | None
+    labels: torch.Tensor | None
+    in_shape: tuple[int, ...]
+    out_shape: tuple[int, ...]
+
+
+class GatedUnit(nn.Module):
+    """One gate plus the state of its unit.
+
+    Attributes:
+        spec: where the unit sits.
+        config: the :class:`GateConfig` it was attached with (not changed afterwards).
+        criterion, threshold: how its labels are computed now (:func:`ftwt.set_threshold`).
+        decision: sigmoid probability above which a filter is computed (calibration sets it).
+        last: what the unit saw in the last forward (:class:`UnitOutput`), or None.
+    """
+
+    # Old checkpoints have no state entry for units: they keep the values of their config.
+    optional_extra_state = True
+
+    def __init__(self, spec: UnitSpec, conv: nn.Conv2d, config: GateConfig) -> None:
+        super().__init__()
+        self.spec = spec
+        self.config = config
+        self.in_channels = conv.in_channels
+        self.out_channels = conv.out_channels
+        self.gate = build_gate(config, conv.in_channels, conv.out_channels)
+        self.criterion, self.threshold, self.decision = config.criterion, config.threshold, config.decision
+        self.masks: str | MaskFn = "gate"  # set by ftwt.record
+        self.labels_on: bool | None = None  # None: labels in training forwards only; set by ftwt.record
+        self.last: UnitOutput | None = None
+        self._logits: torch.Tensor | None = None
+        self._in_shape: tuple[int, ...] = ()
+        self._handles: list[Any] = []
+
+    @property
+    def name(self) -> str:
+        return self.spec.conv
+
+    def extra_repr(self) -> str:
+        return f"{self.spec.conv}: {self.in_channels} -> {self.out_channels}, {self.criterion}={self.threshold}"
+
+    # State carried by state_dict ----------------------------------------------------
+    def get_extra_state(self) -> dict[str, Any]:
+        return {key: getattr(self, key) for key in _STATE_KEYS}
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        values = {key: state[key] for key in _STATE_KEYS if key in state}
+        self.config.replace(**values)  # validates
+        for key, value in values.items():
+            setattr(self, key, float(value) if key != "criterion" else str(value))
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: Any) -> None:
+        super()._load_from_state_dict(state_dict, prefix, *args)
+        missing = args[2]  # (local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+        key = prefix + "_extra_state"
+        if key in missing:
+            missing.remove(key)
+
+    # Deciding ---------------------------------------------------------------------------
+    def decide(self, logits: torch.Tensor) -> torch.Tensor:
+        """The gate's mask for ``logits``: filters whose probability exceeds :attr:`decision`."""
+        with torch.no_grad():  # no gradient through the decision: the task loss never trains the gate
+            return torch.sigmoid(logits) > self.decision
+
+    def predict(self, x: torch.Tensor) -> torch.Tensor:
+        """Boolean mask ``(N, C_out)`` the gate predicts for input ``x``."""
+        with torch.no_grad():
+            return self.decide(self.gate(x))
+
+    def ground_truth(self, y: torch.Tensor) -> torch.Tensor:
+        """Labels of the unit output ``y``, read after the unit's activation (a filter ReLU silences does not fire)."""
+        act = ACTIVATIONS.get(self.spec.act or "")
+        return ground_truth(act.fn(y.detach()) if act is not None else y, self.criterion, self.threshold)
+
+    def gate_macs(self) -> int:
+        """Per-sample cost of this gate for the last input seen."""
+        if self.last is None:
+            raise RuntimeError(f"{self.name}: no forward pass seen yet")
+        _, c, h, w = self.last.in_shape
+        return self.gate.macs(c, h, w)
+
+    # Shortcuts to the last forward's output ------------------------------------------------
+    @property
+    def mask(self) -> torch.Tensor | None:
+        return self.last.mask if self.last is not None else None
+
+    @property
+    def labels(self) -> torch.Tensor | None:
+        return self.last.labels if self.last is not None else None
+
+    @property
+    def logits(self) -> torch.Tensor | None:
+        return self.last.logits if self.last is not None else None
+
+    @property
+    def in_shape(self) -> tuple[int, ...] | None:
+        return self.last.in_shape if self.last is not None else None
+
+    # Hooks --------------------------------------------------------------------------------
+    def _on_input(self, module: nn.Module, args: tuple[Any, ...]) -> None:
+        x = args[0]
+        self._in_shape = tuple(x.shape)
+        self._logits = None
+        if self.masks != "none":
+            self._logits = self.gate(x.detach() if self.config.mode == "decoupled" else x)
+
+    def _on_output(self, module: nn.Module, args: tuple[Any, ...], y: torch.Tensor) -> torch.Tensor | None:
+        logits, self._logits = self._logits, None
+        wants = self.labels_on if self.labels_on is not None else self.training
+        labels = self.ground_truth(y) if wants or self.masks == "ground_truth" else None
+        if self.masks == "gate":
+            mask = self.decide(logits)
+        elif self.masks == "ground_truth":
+            mask = labels
+        elif self.masks == "none":
+            mask = None
+        else:
+            mask = self.masks(self, logits, labels)
+        self.last = UnitOutput(logits, mask, labels, self._in_shape, tuple(y.shape))
+        if mask is None:
+            return None
+        return y * mask[:, :, None, None].to(y.dtype)
+
+
+__all__ = ["MASK_SOURCES", "GatedUnit", "MaskFn", "UnitOutput", "UnitSpec"]
