@@ -23,7 +23,9 @@ import torch
 
 from ftwt.baselines import prune_to_macs
 from ftwt.bench import benchmark, describe_machine, machine_info
-from ftwt.cli._common import build_model, default_input_size, resolve_device
+from ftwt.cli._common import default_input_size
+from ftwt.train import load_model
+from ftwt.train.runtime import resolve_device
 from ftwt.data import DataConfig, build_datasets
 from ftwt.flops import measure
 from ftwt.gate import GateConfig
@@ -106,7 +108,7 @@ def main(args: argparse.Namespace) -> int:
     for name, shape in models:
         inputs = _inputs(shape, samples)
         torch.manual_seed(args.seed)
-        model = build_model(name, 10, inits.get(name))
+        model = load_model(name, 10, inits.get(name))
         attach_gates(model, GateConfig(threshold=thresholds[0]))
         label = name if shape == default_input_size(name) else f"{name}@{shape[-1]}"
         for r in thresholds:

@@ -47,7 +47,7 @@ from ftwt.surgery import (
     set_label_mode,
     set_threshold,
 )
-from ftwt.train import TrainConfig, Trainer
+from ftwt.train import Checkpoint, TrainConfig, Trainer, load_model, load_trained
 from ftwt.unit import GatedUnit, UnitOutput, UnitSpec
 
 try:
@@ -56,6 +56,7 @@ except PackageNotFoundError:  # running from a source tree without installing
     __version__ = "0+unknown"
 
 __all__ = [
+    "Checkpoint",
     "CheckpointError",
     "ConfigError",
     "DataError",
@@ -97,6 +98,8 @@ __all__ = [
     "is_gated",
     "linear_macs",
     "list_models",
+    "load_model",
+    "load_trained",
     "mask_loss",
     "mask_source",
     "mass_mask",

@@ -37,7 +37,6 @@ _MAPPINGS = {dict, collections.OrderedDict}
 _SEQUENCES = {list, tuple, set, frozenset}
 _WRAPPER_KEYS = ("state_dict", "model", "net")  # common layouts that nest the weights
 _PARALLEL_PREFIXES = ("module.", "_orig_mod.")  # added by DDP/DataParallel and torch.compile
-_EXTRA_STATE = "_extra_state"  # nn.Module's state_dict key for get_extra_state()
 # opcodes that import a global or call one: what plain tensor-and-data pickles get refused for
 _OBJECT_OPCODES = {"GLOBAL", "STACK_GLOBAL", "INST", "OBJ", "REDUCE", "NEWOBJ", "NEWOBJ_EX"}
 
@@ -171,9 +170,9 @@ def _some(keys: list[str], n: int = 3) -> str:
 
 
 def _optional_keys(model: nn.Module) -> set[str]:
-    """Extra-state entries of modules that declare them optional (added after older checkpoints)."""
-    return {f"{name}.{_EXTRA_STATE}" if name else _EXTRA_STATE for name, m in model.named_modules()
-            if getattr(m, "optional_extra_state", False)}
+    """State entries that modules list in ``optional_state`` (added after older checkpoints were written)."""
+    return {f"{name}.{key}" if name else key for name, m in model.named_modules()
+            for key in getattr(m, "optional_state", ())}
 
 
 def load_state_dict_into(
@@ -190,7 +189,7 @@ def load_state_dict_into(
         strict: Raise on missing or unexpected keys.
         ignore_prefixes: Model keys starting with one of these may be missing (for example
             gate parameters, ``"ftwt_gates."``); they keep their current values. So may the
-            extra state of modules with ``optional_extra_state = True`` (gated units).
+            entries a module lists in ``optional_state`` (gated units' decisions).
 
     Returns:
         ``(missing, unexpected)`` keys; ``missing`` leaves out the ignored prefixes. Both are

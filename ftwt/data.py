@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, Subset
 
 from ftwt.errors import ConfigError, DataError
 
@@ -274,20 +274,47 @@ def build_loaders(cfg: DataConfig, distributed: bool = False) -> tuple[DataLoade
     train, val, info = build_datasets(cfg)
     train_sampler = DistributedSampler(train, shuffle=True) if distributed else None
     val_sampler = DistributedSampler(val, shuffle=False) if distributed else None
-    n_train = train_sampler.num_samples if train_sampler is not None else len(train)
+    train_loader, val_loader = make_loaders(train, val, cfg, train_sampler=train_sampler, val_sampler=val_sampler)
+    return train_loader, val_loader, info
+
+
+def make_loaders(
+    train: Dataset,
+    val: Dataset,
+    cfg: DataConfig,
+    *,
+    train_sampler: Sampler | None = None,
+    val_sampler: Sampler | None = None,
+    generator: torch.Generator | None = None,
+    pin_memory: bool | None = None,
+    persistent_workers: bool | None = None,
+) -> tuple[DataLoader, DataLoader]:
+    """Loaders over already built datasets, batched as ``cfg`` says.
+
+    Args:
+        train, val: the datasets.
+        cfg: batch size and workers.
+        train_sampler, val_sampler: samplers (None: shuffle the training set, keep the
+            validation order).
+        generator: the training loader's generator (its workers' seeds).
+        pin_memory: default: whenever CUDA is available.
+        persistent_workers: default: whenever there are workers.
+    """
+    n_train = train_sampler.num_samples if isinstance(train_sampler, DistributedSampler) else len(train)
     common = dict(
         batch_size=cfg.batch_size,
         num_workers=cfg.workers,
-        pin_memory=torch.cuda.is_available(),
-        persistent_workers=cfg.workers > 0,
+        pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory,
+        persistent_workers=cfg.workers > 0 if persistent_workers is None else persistent_workers,
     )
     # BatchNorm cannot train on a batch of one sample, so never emit such a last batch
     train_loader = DataLoader(
         train,
         sampler=train_sampler,
         shuffle=train_sampler is None,
+        generator=generator,
         drop_last=n_train > cfg.batch_size and n_train % cfg.batch_size == 1,
         **common,
     )
     val_loader = DataLoader(val, sampler=val_sampler, shuffle=False, **common)
-    return train_loader, val_loader, info
+    return train_loader, val_loader

@@ -3,8 +3,8 @@
 A pre-hook on the convolution runs the gate on the convolution's input; a hook on the
 unit's last module (the norm, or the convolution when none follows) computes the labels
 when asked and multiplies the output by the mask. What a unit decides with is module state
-that ``state_dict`` carries (criterion, threshold, decision; see
-:meth:`GatedUnit.get_extra_state`); what it saw in the last forward is :attr:`GatedUnit.last`.
+that ``state_dict`` carries (buffers ``criterion_id``, ``label_threshold``,
+``decision_threshold``); what it saw in the last forward is :attr:`GatedUnit.last`.
 Which mask it applies and whether it builds labels is set by :func:`ftwt.record` only.
 """
 
@@ -18,13 +18,13 @@ import torch
 from torch import nn
 
 from ftwt._ops import ACTIVATIONS
-from ftwt.criteria import ground_truth
+from ftwt.criteria import CRITERIA, ground_truth
 from ftwt.gate import GateConfig, build_gate
 
 MASK_SOURCES = ("gate", "ground_truth", "none")
 # A mask rule chosen by ``record(masks=fn)``: (unit, logits, labels) -> (N, C_out) bool.
 MaskFn = Callable[["GatedUnit", torch.Tensor | None, torch.Tensor | None], torch.Tensor | None]
-_STATE_KEYS = ("criterion", "threshold", "decision")
+_CRITERIA = tuple(CRITERIA)  # criterion_id indexes this; new criteria are appended
 
 
 @dataclass(frozen=True)
@@ -77,8 +77,9 @@ class GatedUnit(nn.Module):
         last: what the unit saw in the last forward (:class:`UnitOutput`), or None.
     """
 
-    # Old checkpoints have no state entry for units: they keep the values of their config.
-    optional_extra_state = True
+    # State entries that checkpoints written before they existed lack: those units keep
+    # the values of their config (calibrated decisions were then folded into the biases).
+    optional_state = ("criterion_id", "label_threshold", "decision_threshold")
 
     def __init__(self, spec: UnitSpec, conv: nn.Conv2d, config: GateConfig) -> None:
         super().__init__()
@@ -87,7 +88,12 @@ class GatedUnit(nn.Module):
         self.in_channels = conv.in_channels
         self.out_channels = conv.out_channels
         self.gate = build_gate(config, conv.in_channels, conv.out_channels)
-        self.criterion, self.threshold, self.decision = config.criterion, config.threshold, config.decision
+        # float64 and kept so by _apply: a float32 copy of 0.9 would move label boundaries
+        self.register_buffer("criterion_id", torch.tensor(_CRITERIA.index(config.criterion)))
+        self.register_buffer("label_threshold", torch.tensor(config.threshold, dtype=torch.float64))
+        self.register_buffer("decision_threshold", torch.tensor(config.decision, dtype=torch.float64))
+        self._values: dict[str, Any] = {}  # the buffers as Python numbers: read every forward, no device sync
+        self._refresh()
         self.masks: str | MaskFn = "gate"  # set by ftwt.record
         self.labels_on: bool | None = None  # None: labels in training forwards only; set by ftwt.record
         self.last: UnitOutput | None = None
@@ -103,21 +109,52 @@ class GatedUnit(nn.Module):
         return f"{self.spec.conv}: {self.in_channels} -> {self.out_channels}, {self.criterion}={self.threshold}"
 
     # State carried by state_dict ----------------------------------------------------
-    def get_extra_state(self) -> dict[str, Any]:
-        return {key: getattr(self, key) for key in _STATE_KEYS}
+    @property
+    def criterion(self) -> str:
+        return self._values["criterion"]
 
-    def set_extra_state(self, state: dict[str, Any]) -> None:
-        values = {key: state[key] for key in _STATE_KEYS if key in state}
-        self.config.replace(**values)  # validates
-        for key, value in values.items():
-            setattr(self, key, float(value) if key != "criterion" else str(value))
+    @criterion.setter
+    def criterion(self, value: str) -> None:
+        self.criterion_id.fill_(_CRITERIA.index(value))
+        self._refresh()
+
+    @property
+    def threshold(self) -> float:
+        return self._values["threshold"]
+
+    @threshold.setter
+    def threshold(self, value: float) -> None:
+        self.label_threshold.fill_(value)
+        self._refresh()
+
+    @property
+    def decision(self) -> float:
+        return self._values["decision"]
+
+    @decision.setter
+    def decision(self, value: float) -> None:
+        self.decision_threshold.fill_(value)
+        self._refresh()
+
+    def _refresh(self) -> None:
+        self._values = {"criterion": _CRITERIA[int(self.criterion_id)], "threshold": float(self.label_threshold),
+                        "decision": float(self.decision_threshold)}
+
+    def _apply(self, fn: Callable, recurse: bool = True) -> GatedUnit:
+        # Follow device moves, never dtype casts (model.half() must not round the thresholds).
+        exact = {k: self._buffers[k] for k in ("label_threshold", "decision_threshold")}
+        super()._apply(fn, recurse)
+        for key, value in exact.items():
+            self._buffers[key] = value.to(self._buffers[key].device)
+        return self
 
     def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: Any) -> None:
         super()._load_from_state_dict(state_dict, prefix, *args)
         missing = args[2]  # (local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
-        key = prefix + "_extra_state"
-        if key in missing:
-            missing.remove(key)
+        for key in self.optional_state:
+            if prefix + key in missing:
+                missing.remove(prefix + key)
+        self._refresh()
 
     # Deciding ---------------------------------------------------------------------------
     def decide(self, logits: torch.Tensor) -> torch.Tensor:

@@ -5,10 +5,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from ftwt.cli._common import load_trained
+from ftwt.train import load_trained
 from ftwt.flops import measure
 from ftwt.models import _registry
 from ftwt.models.resnet_cifar import ResNetCifar
+from ftwt.record import record
 from ftwt.surgery import gated_units
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -26,12 +27,13 @@ def legacy(monkeypatch):
 
 def test_legacy_checkpoint_reproduces_masks_and_top1(legacy, one_thread):
     path, expected, (x, y) = legacy
-    model, _ = load_trained(str(path))
+    model, ckpt = load_trained(str(path))
     model.eval()
+    assert ckpt.calibrated_decisions is not None and all(u.decision == 0.5 for u in gated_units(model))
     assert torch.equal(y, expected["targets"])
-    with torch.no_grad():
+    with torch.no_grad(), record(model) as rec:
         logits = model(x)
-    masks = {u.name: u.mask for u in gated_units(model)}
+    masks = rec.masks
     assert masks.keys() == expected["masks"].keys()
     for name, mask in masks.items():
         assert torch.equal(mask, expected["masks"][name]), name

@@ -13,7 +13,7 @@ import torch
 
 from ftwt.checkpoint import load_checkpoint
 from ftwt.cli import main
-from ftwt.cli._common import load_trained
+from ftwt.train import load_trained
 from ftwt.surgery import gate_parameters
 from ftwt.train import TrainConfig, Trainer, list_recipes, load_recipe
 

@@ -16,17 +16,9 @@ from typing import Any
 import torch
 
 from ftwt.bench import benchmark, describe_machine
-from ftwt.cli._common import (
-    add_json_arg,
-    build_model,
-    default_input_size,
-    load_trained,
-    positive,
-    print_json,
-    print_table,
-    resolve_device,
-    unit_interval,
-)
+from ftwt.cli._common import add_json_arg, default_input_size, positive, print_json, print_table, unit_interval
+from ftwt.train import load_model, load_trained
+from ftwt.train.runtime import resolve_device
 from ftwt.data import DataConfig, build_datasets
 from ftwt.errors import ConfigError
 from ftwt.gate import GateConfig
@@ -73,9 +65,9 @@ def _load(args: argparse.Namespace) -> tuple[torch.nn.Module | None, str, str, s
         if args.init is not None or args.num_classes is not None:
             raise ConfigError("--init and --num-classes go with --model; a checkpoint carries its own weights")
         model, ckpt = load_trained(args.checkpoint)
-        name, trained_on = ckpt["model_name"], ckpt.get("dataset") or "digits"
+        name, trained_on = ckpt.model_name, ckpt.dataset or "digits"
         dataset = args.dataset or trained_on
-        size = ckpt.get("input_size")
+        size = ckpt.input_size
         # The checkpoint's input size only applies to the data it was trained on.
         shape = tuple(int(s) for s in size) if size and dataset == trained_on else default_input_size(name)
         if args.mass is not None:
@@ -99,7 +91,7 @@ def run(args: argparse.Namespace) -> int:
     _, val, info = build_datasets(DataConfig(dataset=dataset, data_dir=args.data_dir, image_size=shape[-1],
                                              val_subset=args.samples))
     if model is None:
-        model = build_model(name, args.num_classes or info.num_classes, args.init)
+        model = load_model(name, args.num_classes or info.num_classes, args.init)
         if args.init is None:
             log.warning("no --init given: ground-truth masks of untrained weights; pass a trained dense checkpoint")
         attach_gates(model, GateConfig(threshold=args.mass))

@@ -9,17 +9,9 @@ from __future__ import annotations
 import argparse
 import logging
 
-from ftwt.cli._common import (
-    add_data_args,
-    add_json_arg,
-    add_model_args,
-    build_model,
-    positive,
-    print_json,
-    print_table,
-    resolve_device,
-    unit_interval,
-)
+from ftwt.cli._common import add_data_args, add_json_arg, add_model_args, positive, print_json, print_table, unit_interval
+from ftwt.train import load_model
+from ftwt.train.runtime import resolve_device
 from ftwt.data import DataConfig, build_datasets
 from ftwt.estimate import estimate, find_threshold
 
@@ -43,7 +35,7 @@ def run(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     cfg = DataConfig(dataset=args.dataset, data_dir=args.data_dir, download=args.download, train_subset=args.samples)
     train, _, info = build_datasets(cfg)
-    model = build_model(args.model, args.num_classes or info.num_classes, args.init).to(device)
+    model = load_model(args.model, args.num_classes or info.num_classes, args.init).to(device)
     if args.init is None:
         log.warning("no --init given: estimating on untrained weights; pass a trained dense checkpoint for a real budget")
     # Training images without augmentation would be closer to the truth, but the loader's

@@ -13,7 +13,9 @@ from typing import Any
 
 from torch.utils.data import DataLoader
 
-from ftwt.cli._common import add_json_arg, load_trained, positive, print_json, print_table, resolve_device
+from ftwt.cli._common import add_json_arg, positive, print_json, print_table
+from ftwt.train import load_trained
+from ftwt.train.runtime import resolve_device
 from ftwt.data import DataConfig, build_datasets
 from ftwt.errors import ConfigError
 from ftwt.evaluate import evaluate
@@ -72,23 +74,23 @@ def _table(out: dict[str, Any]) -> list[tuple[str, str]]:
 def run(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     model, ckpt = load_trained(args.checkpoint)
-    dataset = args.dataset or ckpt.get("dataset") or "digits"
+    dataset = args.dataset or ckpt.dataset or "digits"
     image_size = None
-    size = ckpt.get("input_size")
+    size = ckpt.input_size
     # The checkpoint's input size only applies to the data it was trained on.
-    if size and dataset == (ckpt.get("dataset") or "digits"):
+    if size and dataset == (ckpt.dataset or "digits"):
         image_size = int(list(size)[-1])
     cfg = DataConfig(dataset=dataset, data_dir=args.data_dir, batch_size=args.batch_size, workers=args.workers,
                      image_size=image_size)
     _, val, info = build_datasets(cfg)
-    if info.num_classes != int(ckpt["num_classes"]):
+    if info.num_classes != int(ckpt.num_classes):
         raise ConfigError(
-            f"{args.checkpoint} has {ckpt['num_classes']} classes but {info.name} has {info.num_classes}; "
+            f"{args.checkpoint} has {ckpt.num_classes} classes but {info.name} has {info.num_classes}; "
             "pass the --dataset it was trained on"
         )
     loader = DataLoader(val, batch_size=args.batch_size, shuffle=False, num_workers=args.workers)
     report = evaluate(model.to(device), loader, device, max_batches=args.max_batches)
-    out = {"checkpoint": str(args.checkpoint), "model": ckpt["model_name"], "dataset": info.name, **report}
+    out = {"checkpoint": str(args.checkpoint), "model": ckpt.model_name, "dataset": info.name, **report}
     out_dir = Path(args.out) if args.out else Path(args.checkpoint).resolve().parent
     written = write_report(out, out_dir)
     if args.json:

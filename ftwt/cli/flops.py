@@ -6,7 +6,8 @@ import argparse
 
 import torch
 
-from ftwt.cli._common import add_json_arg, build_model, default_input_size, print_json, print_table
+from ftwt.cli._common import add_json_arg, default_input_size, print_json, print_table
+from ftwt.train import load_model
 from ftwt.flops import measure
 
 
@@ -22,7 +23,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     num_classes = args.num_classes or (1000 if args.model.startswith("torchvision:") else 10)
-    model = build_model(args.model, num_classes)
+    model = load_model(args.model, num_classes)
     size = tuple(args.input_size) if args.input_size else default_input_size(args.model)
     # Ones, not zeros: a zero input would count its input channels as inactive.
     report = measure(model, [torch.ones(1, *size)])

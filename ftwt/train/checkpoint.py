@@ -1,0 +1,133 @@
+"""The training checkpoint: what ``ftwt train`` writes after every epoch, and how models come back from it.
+
+A :class:`Checkpoint` holds tensors and plain data only (see :mod:`ftwt.checkpoint`), so it
+is read with ``torch.load(weights_only=True)``. :func:`load_trained` rebuilds the model a
+checkpoint holds, gated or dense; :func:`load_model` builds a registry model with plain
+dense weights (``--init``).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from ftwt.checkpoint import load_checkpoint, load_state_dict_into, save_checkpoint
+from ftwt.errors import CheckpointError, ConfigError
+from ftwt.gate import GateConfig
+from ftwt.models import get_model
+from ftwt.surgery import GATES_ATTR, attach_gates
+
+# Keys without which a file is not a model written by ftwt train.
+_MODEL_KEYS = ("model_name", "num_classes", "model")
+# Keys a run needs to resume exactly.
+RESUME_KEYS = ("config", "model", "model_name", "epoch", "optimizers", "schedulers", "rng")
+
+
+@dataclass
+class Checkpoint:
+    """One training checkpoint (``last.pt`` / ``best.pt``).
+
+    Attributes:
+        model_name: registry name of the model.
+        num_classes: classifier outputs.
+        gate_config: the :class:`GateConfig` as a dict, or None for a dense model.
+        model: the model's ``state_dict`` (gated units' decisions included).
+        input_size: ``[C, H, W]`` of one training sample.
+        dataset: the dataset trained on.
+        epoch: completed epochs.
+        optimizers, schedulers, scaler, rng: training state, for an exact resume.
+        best_top1: best validation top-1 so far (among the epochs eligible for ``best.pt``).
+        estimated_reduction: FLOPs reduction estimated before training (FTWT runs).
+        calibrated_decisions: the calibrated decision thresholds, once set.
+        config: the resolved :class:`~ftwt.train.TrainConfig` as a dict.
+    """
+
+    model_name: str
+    num_classes: int
+    gate_config: dict[str, Any] | None
+    model: dict[str, Any]
+    input_size: list[int] | None = None
+    dataset: str | None = None
+    epoch: int = 0
+    optimizers: list[dict[str, Any]] = field(default_factory=list)
+    schedulers: list[dict[str, Any]] = field(default_factory=list)
+    scaler: dict[str, Any] = field(default_factory=dict)
+    rng: dict[str, Any] | None = None
+    best_top1: float = -1.0
+    estimated_reduction: float | None = None
+    calibrated_decisions: list[float] | None = None
+    config: dict[str, Any] | None = None
+
+    @property
+    def gated(self) -> bool:
+        return self.gate_config is not None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], where: str = "checkpoint") -> Checkpoint:
+        """Read a checkpoint dict; keys it does not know are ignored (newer writers may add some)."""
+        missing = [k for k in _MODEL_KEYS if k not in data]
+        if missing:
+            raise CheckpointError(f"{where} is not an ftwt training checkpoint (missing {missing}); "
+                                  "use --init for plain weights")
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write atomically (see :func:`ftwt.checkpoint.save_checkpoint`)."""
+        save_checkpoint(self.to_dict(), path)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> Checkpoint:
+        """Read a checkpoint without running code from the file.
+
+        Raises:
+            CheckpointError: missing, corrupt or unsafe file, or not written by ``ftwt train``.
+        """
+        return cls.from_dict(load_checkpoint(path), str(path))
+
+    def can_resume(self) -> list[str]:
+        """The keys an exact resume needs that this checkpoint lacks (empty: it can resume)."""
+        data = self.to_dict()
+        return [k for k in RESUME_KEYS if data.get(k) is None or (k == "rng" and not data[k])]
+
+    def build_model(self) -> nn.Module:
+        """The model this checkpoint holds, with its weights (and gates, for FTWT runs)."""
+        model = get_model(self.model_name, num_classes=int(self.num_classes))
+        if self.gate_config:
+            attach_gates(model, GateConfig.from_dict(self.gate_config))
+        load_state_dict_into(model, self.model, strict=True)
+        return model
+
+
+def load_trained(path: str | os.PathLike) -> tuple[nn.Module, Checkpoint]:
+    """Rebuild a model written by ``ftwt train`` (gated or dense) and return it with its checkpoint.
+
+    Checkpoints written before units kept their decisions in ``state_dict`` (calibration
+    folded into the gate biases) load too, with the same masks.
+
+    Example:
+        >>> model, ckpt = load_trained("runs/ftwt/best.pt")
+        >>> ckpt.epoch, ckpt.gated
+    """
+    ckpt = Checkpoint.load(path)
+    return ckpt.build_model(), ckpt
+
+
+def load_model(name: str, num_classes: int, init: str | os.PathLike | None = None) -> nn.Module:
+    """A registry or torchvision model, with dense weights from ``init`` (any checkpoint or state dict) if given."""
+    model = get_model(name, num_classes=num_classes)
+    if init is not None:
+        if not Path(init).is_file():
+            raise ConfigError(f"checkpoint not found: {init}")
+        load_state_dict_into(model, load_checkpoint(init), strict=True, ignore_prefixes=(GATES_ATTR + ".",))
+    return model
+
+
+__all__ = ["Checkpoint", "RESUME_KEYS", "load_model", "load_trained"]

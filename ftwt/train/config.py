@@ -1,0 +1,182 @@
+"""The training configuration: every key a recipe (``ftwt/recipes/*.yaml``) or flag may set.
+
+Fields are grouped (model, data, gates, optimisation, run), each with its checks; the
+gate group builds a :class:`~ftwt.GateConfig`, the data group a :class:`~ftwt.data.DataConfig`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Any
+
+from ftwt._config import config_from_dict
+from ftwt.data import DATASETS, DataConfig
+from ftwt.errors import ConfigError
+from ftwt.gate import GateConfig
+
+SCHEDULES = ("step", "cosine")
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run needs; recipes (``ftwt/recipes/*.yaml``) set these keys.
+
+    ``None`` defaults are resolved by :meth:`resolved` (FTWT and dense runs differ) and the
+    resolved values are what ``config.yaml`` and the checkpoints record.
+    """
+
+    # model
+    model: str = "resnet56"  # registry name or torchvision:NAME
+    num_classes: int | None = None  # None: the dataset's number of classes
+    init: str | None = None  # dense checkpoint to start from; FTWT fine-tunes a trained dense model
+    # data
+    dataset: str = "digits"  # digits (embedded), cifar10, cifar100 or folder
+    data_dir: str | None = None  # dataset root (CIFAR files or train/ and val/ class folders)
+    download: bool = False  # let torchvision fetch CIFAR
+    image_size: int | None = None  # None: the dataset's own (digits 16, CIFAR 32, folder 224)
+    batch_size: int = 128  # per process (reference: 128 on one GPU)
+    workers: int = 2  # DataLoader worker processes; 0 loads in the main process
+    train_subset: int | None = None  # first N training samples only (quick runs)
+    val_subset: int | None = None  # first N validation samples only (quick runs)
+    # gates
+    dense: bool = False  # no gates: train the dense baseline FTWT starts from
+    mode: str = "decoupled"  # "decoupled": mask loss trains gates only; "joint": it reaches the backbone
+    criterion: str = "mass"  # ground-truth rule: "mass" or "uniform" (ablation)
+    threshold: float = 0.9  # mass r (or uniform ratio rho): the compute budget
+    gate_pool: int = 1  # gate input pooled to d x d per channel (reference d = 1)
+    gate_softmax: bool = True  # softmax over pooled features (reference default)
+    gate_embed: int | None = None  # if set, d = round(sqrt(gate_embed / C_in)) per unit
+    lam: float = 1.0  # mask-loss weight until cooldown (then 0)
+    cooldown: int | None = None  # epoch from which gates are frozen; None: half the epochs, rounded up (reference)
+    balance_loss: bool = False  # class-balanced mask loss: labels are mostly 1 and plain BCE leans to keeping
+    calibrate: bool = False  # at cooldown, set per-unit decisions so that gates keep what labels keep
+    calibrate_batches: int = 100  # training batches per process and round for calibration; quantiles settle fast
+    estimate_samples: int = 256  # training samples for the FLOPs estimate made before training
+    # optimisation
+    epochs: int = 200  # reference CIFAR recipe
+    lr: float | None = None  # backbone SGD lr; None: 0.01 for FTWT (reference), 0.1 for dense
+    momentum: float = 0.9  # backbone SGD momentum (reference)
+    weight_decay: float = 5e-4  # backbone weight decay (reference); gates have none
+    schedule: str | None = None  # "step" or "cosine"; None: step for FTWT (reference), cosine for dense
+    milestones: list[float] = field(default_factory=lambda: [0.405, 0.61, 0.755])  # step epochs; < 1 = fraction of epochs (reference 81/122/151 of 200)
+    gamma: float = 0.1  # lr factor at each milestone (reference)
+    gate_lr: float = 0.1  # gate SGD lr (reference "mlr")
+    gate_momentum: float = 0.9  # gate SGD momentum (reference)
+    amp: bool = False  # float16 autocast with loss scaling; CUDA only (ignored on CPU)
+    sync_bn: bool = False  # SyncBatchNorm across processes (CUDA, torchrun only)
+    flops_every: int = 10  # count training FLOPs on every N-th batch: the count syncs with the GPU
+    # run
+    seed: int = 0  # seeds init, augmentation and the per-epoch shuffle (seed + epoch)
+    device: str = "auto"  # "auto", "cpu", "cuda" or "cuda:N"
+    out_dir: str = "runs/train"  # config.yaml, metrics.jsonl, last.pt, best.pt, report.json
+    overwrite: bool = False  # allow starting a fresh run in a folder that already holds one
+    progress: bool = True  # tqdm bar on rank 0
+
+    def __post_init__(self) -> None:
+        _check_types(self)
+        self.milestones = list(self.milestones)
+        self._check_data()
+        self._check_gates()
+        self._check_optimisation()
+
+    def _check_data(self) -> None:
+        for name in ("batch_size", "estimate_samples", "calibrate_batches"):
+            _positive(self, name)
+        for name in ("num_classes", "image_size", "train_subset", "val_subset"):
+            _positive(self, name, optional=True)
+        if self.workers < 0:
+            raise ConfigError(f"workers must be >= 0, got {self.workers}")
+        if self.dataset not in DATASETS:
+            raise ConfigError(f"unknown dataset {self.dataset!r}; choose one of: {', '.join(DATASETS)}")
+
+    def _check_gates(self) -> None:
+        _positive(self, "gate_pool")
+        _positive(self, "gate_embed", optional=True)
+        if self.cooldown is not None and self.cooldown < 0:
+            raise ConfigError(f"cooldown must be >= 0 epochs, got {self.cooldown}")
+        # GateConfig checks the rest; a dense run's threshold is never used, so it is not checked
+        self._gates(self.threshold if not self.dense else GateConfig.threshold)
+
+    def _check_optimisation(self) -> None:
+        _positive(self, "epochs")
+        _positive(self, "flops_every")
+        if self.schedule is not None and self.schedule not in SCHEDULES:
+            raise ConfigError(f"unknown schedule {self.schedule!r}; choose from {list(SCHEDULES)}")
+        if any(m <= 0 for m in self.milestones):
+            raise ConfigError(f"milestones must be > 0 (epochs, or fractions of epochs below 1), got {self.milestones}")
+        for name in ("lr", "gate_lr"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise ConfigError(f"{name} must be > 0, got {value}")
+        if self.lam < 0 or self.weight_decay < 0 or self.momentum < 0 or self.gate_momentum < 0 or self.gamma <= 0:
+            raise ConfigError("lam, weight_decay and momenta must be >= 0 and gamma > 0")
+
+    def _gates(self, threshold: float) -> GateConfig:
+        return GateConfig(criterion=self.criterion, threshold=threshold, mode=self.mode, pool=self.gate_pool,
+                          embed_target=self.gate_embed, softmax=self.gate_softmax)
+
+    def gate_config(self) -> GateConfig | None:
+        """The :class:`GateConfig` of this run (None for a dense run)."""
+        return None if self.dense else self._gates(self.threshold)
+
+    def data_config(self) -> DataConfig:
+        return DataConfig(dataset=self.dataset, data_dir=self.data_dir, batch_size=self.batch_size,
+                          workers=self.workers, image_size=self.image_size, download=self.download,
+                          train_subset=self.train_subset, val_subset=self.val_subset)
+
+    def resolved(self) -> TrainConfig:
+        """A copy with the recipe-dependent defaults filled in and milestones in epochs."""
+        milestones = sorted({round(m * self.epochs) if m < 1 else int(m) for m in self.milestones})
+        return replace(
+            self,
+            lr=self.lr if self.lr is not None else (0.1 if self.dense else 0.01),
+            schedule=self.schedule or ("cosine" if self.dense else "step"),
+            cooldown=self.cooldown if self.cooldown is not None else math.ceil(self.epochs / 2),
+            milestones=[m for m in milestones if m > 0],
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        """Build from a recipe or checkpoint dict; unknown keys raise :class:`ConfigError`."""
+        return config_from_dict(cls, data, "config key(s)")
+
+
+def _positive(config: TrainConfig, name: str, optional: bool = False) -> None:
+    value = getattr(config, name)
+    if optional and value is None:
+        return
+    if value <= 0:
+        raise ConfigError(f"{name} must be a positive integer{' or null' if optional else ''}, got {value}")
+
+
+def _check_types(config: TrainConfig) -> None:
+    """Recipes are YAML: refuse a wrong type with one line instead of failing deep inside."""
+    for f in fields(config):
+        value, kind = getattr(config, f.name), str(f.type)
+        if value is None and "None" in kind:
+            continue
+        if kind.startswith("bool"):
+            ok = isinstance(value, bool)
+        elif kind.startswith("int"):
+            ok = isinstance(value, int) and not isinstance(value, bool)
+        elif kind.startswith("float"):
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+            if ok:
+                setattr(config, f.name, float(value))
+        elif kind.startswith("str"):
+            ok = isinstance(value, str)
+        elif kind.startswith("list"):
+            ok = isinstance(value, (list, tuple)) and all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) for v in value
+            )
+        else:
+            ok = True
+        if not ok:
+            raise ConfigError(f"config key {f.name!r} must be {kind}, got {value!r}")
+
+
+__all__ = ["SCHEDULES", "TrainConfig"]

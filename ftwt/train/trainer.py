@@ -1,0 +1,290 @@
+"""The training loop: dense baselines and FTWT gates, on one process or many (``torchrun``).
+
+The FTWT recipe (arXiv 2110.08232; the authors' reference code): start from a trained
+dense model, train backbone and gates with two SGD optimizers, the gates only from their
+own mask loss (weight ``lam``). At ``cooldown`` (half of the epochs) the gates freeze and
+the backbone adapts to their masks for the remaining epochs. The phases are hooks of
+:class:`Trainer`: :meth:`~Trainer.on_start` (estimate the budget) and
+:meth:`~Trainer.on_cooldown` (freeze the gates, calibrate their decisions).
+
+Every run writes into ``out_dir``: ``config.yaml`` (the resolved config, at the start),
+one JSON line per epoch in ``metrics.jsonl``, ``last.pt`` and ``best.pt`` (best top-1;
+for FTWT runs among the epochs after cooldown, whose masks are final) after every epoch,
+and at the end ``report.json`` / ``per_layer.png`` (:func:`ftwt.report.write_report`) with
+the FLOPs reduction estimated *before* training next to the one achieved. Under
+``torchrun`` (``WORLD_SIZE > 1``) the same code runs DistributedDataParallel; only rank 0
+writes files and shows progress.
+
+Example:
+    >>> from ftwt.train import TrainConfig, Trainer
+    >>> dense = Trainer(TrainConfig(model="resnet20", dense=True, epochs=10, out_dir="runs/dense")).fit()
+    >>> ftwt = Trainer(TrainConfig(model="resnet20", init="runs/dense/best.pt", threshold=0.9,
+    ...                            epochs=10, out_dir="runs/ftwt")).fit()
+    >>> print(ftwt["top1"], ftwt["estimated_reduction"], ftwt["flops_reduction"])
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import yaml
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
+
+from ftwt.calibrate import calibrate_decisions
+from ftwt.data import build_datasets
+from ftwt.errors import CheckpointError, ConfigError
+from ftwt.estimate import estimate
+from ftwt.evaluate import evaluate
+from ftwt.report import write_report
+from ftwt.surgery import attach_gates, gate_parameters
+from ftwt.train._epoch import TrainStep, run_epoch
+from ftwt.train.checkpoint import Checkpoint, load_model
+from ftwt.train.config import TrainConfig
+from ftwt.train.optim import build_optimizers, load_optimizer_states, plain_state
+from ftwt.train.runtime import Loaders, Processes, resolve_device, rng_state, seed_everything, set_rng_state
+
+log = logging.getLogger(__name__)
+
+Callback = Callable[["Trainer", dict[str, Any]], None]
+
+
+class Trainer:
+    """Trains one model as :class:`TrainConfig` says; see the module docstring.
+
+    Args:
+        config: the run.
+        callbacks: called as ``callback(trainer, metrics)`` after every epoch, on every rank.
+
+    Raises:
+        FTWTError: any problem with the config, data, device or checkpoints, before a
+            single file is written.
+    """
+
+    def __init__(self, config: TrainConfig, callbacks: Sequence[Callback] = (), *, _state: Checkpoint | None = None,
+                 _resume_path: str | None = None) -> None:
+        cfg = config.resolved()
+        self.callbacks, self.out = list(callbacks), Path(cfg.out_dir)
+        _check_out_dir(self.out, cfg.overwrite, _resume_path)
+        self.procs = Processes.from_env()  # the process group itself is joined last, once nothing can fail
+        self.is_main = self.procs.is_main
+        self.device = resolve_device(cfg.device, self.procs.local_rank)
+        if cfg.amp and self.device.type != "cuda" and self.is_main:
+            log.warning("amp needs CUDA; training in float32 on %s", self.device)
+        self.amp = cfg.amp and self.device.type == "cuda"
+        if cfg.sync_bn and self.procs.world > 1 and self.device.type != "cuda":
+            raise ConfigError("sync_bn needs CUDA")
+        seed_everything(cfg.seed)
+        self.train_set, val_set, self.info = build_datasets(cfg.data_config())
+        self.loaders = Loaders(self.train_set, val_set, cfg.data_config(), cfg.seed, self.procs, self.device)
+        self.config = cfg = replace(cfg, num_classes=cfg.num_classes or self.info.num_classes)
+        self.num_classes, self.gated = cfg.num_classes, not cfg.dense
+        self.model = _build_model(cfg, _state is None, cfg.sync_bn and self.procs.world > 1, self.is_main)
+        self.model.to(self.device)
+        self.optimizers, self.schedulers = build_optimizers(cfg, self.model)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
+        self.start_epoch, self.best_top1, self.estimated = 0, -1.0, None
+        self.calibrated: list[float] | None = None  # decision thresholds, once calibrated
+        self.frozen = False  # gates frozen (from cooldown on)
+        self._last_report: dict[str, Any] | None = None
+        if _state is not None:
+            self._load(_state)
+        self._owns_group = self.procs.join(self.device)
+        self.net = self._wrap(train_gates=self.gated)
+
+    @classmethod
+    def resume(cls, path: str, overrides: dict[str, Any] | None = None, callbacks: Sequence[Callback] = ()) -> Trainer:
+        """A trainer that continues the run saved in ``path`` (a ``last.pt``) exactly.
+
+        Args:
+            path: checkpoint written by a :class:`Trainer`.
+            overrides: config keys to change, e.g. ``{"epochs": 300}`` to train longer.
+            callbacks: as for the constructor.
+
+        Raises:
+            CheckpointError: the file is missing, corrupt, not a training checkpoint, or its
+                model differs from the (overridden) config's.
+        """
+        ckpt = Checkpoint.load(path)
+        missing = ckpt.can_resume()
+        if missing:
+            raise CheckpointError(f"{path} is not a training checkpoint written by ftwt train (missing {missing})")
+        config = TrainConfig.from_dict({**ckpt.config, **(overrides or {})})
+        if config.model != ckpt.model_name or config.dense != (not ckpt.gated):
+            kind = "gated" if ckpt.gated else "dense"
+            raise CheckpointError(f"{path} holds a {kind} {ckpt.model_name}, which cannot resume a "
+                                  f"{'dense' if config.dense else 'gated'} {config.model} run")
+        return cls(config, callbacks, _state=ckpt, _resume_path=path)
+
+    # Phases ----------------------------------------------------------------------------------
+    def on_start(self) -> None:
+        """Before the first epoch of an FTWT run: estimate, with perfect gates at ``r`` on the init
+        weights, the FLOPs reduction the budget should buy."""
+        loader = DataLoader(self.train_set, batch_size=self.config.batch_size, shuffle=False)
+        cfg = self.config
+        est = estimate(self.model, (x for x, _ in loader), cfg.threshold, cfg.criterion,
+                       samples=cfg.estimate_samples, device=self.device)
+        if self.is_main:
+            log.info("estimated FLOPs reduction at %s=%g before training: %.1f%%",
+                     cfg.criterion, cfg.threshold, 100 * est.reduction)
+        self.estimated = est.reduction
+
+    def on_cooldown(self, epoch: int) -> None:
+        """From ``epoch`` on the gates are frozen; at the cooldown epoch itself, calibrate them if asked."""
+        if self.config.calibrate and epoch == self.config.cooldown and self.calibrated is None:
+            self.calibrate(epoch)
+        for p in gate_parameters(self.model):
+            p.requires_grad_(False)
+        self.frozen = True
+        self.net = self._wrap(train_gates=False)  # DDP registers the parameters that need gradients
+
+    def calibrate(self, epoch: int) -> None:
+        """Per-unit decision thresholds so that the gates keep what their labels keep.
+
+        Done when the gates freeze, not after the last epoch, so that the backbone adapts to
+        the calibrated masks (calibrating a finished model costs far more accuracy). The
+        thresholds are unit state: checkpoints carry them in ``state_dict``.
+        """
+        self.loaders.seed_epoch(epoch)  # the same batches whether or not the run was resumed
+        self.calibrated = calibrate_decisions(self.model, self.loaders.train, self.device,
+                                              max_batches=self.config.calibrate_batches,
+                                              distributed=self.procs.world > 1)
+
+    # Loop ------------------------------------------------------------------------------------
+    def fit(self) -> dict[str, Any]:
+        """Train from the current epoch to ``epochs``; returns the final report."""
+        try:
+            return self._fit()
+        finally:
+            if self._owns_group:
+                dist.destroy_process_group()
+
+    def _fit(self) -> dict[str, Any]:
+        cfg = self.config
+        if self.is_main:
+            _start_files(self.out, cfg, self.start_epoch)
+        if self.gated and self.start_epoch == 0:
+            self.on_start()
+        for epoch in range(self.start_epoch, cfg.epochs):
+            start = time.time()
+            if self.gated and epoch >= cfg.cooldown and not self.frozen:
+                self.on_cooldown(epoch)
+            self.loaders.seed_epoch(epoch)
+            train = run_epoch(self, epoch, train_gates=self.gated and not self.frozen)
+            for sched in self.schedulers:
+                sched.step()
+            report = self._evaluate()
+            metrics = {"epoch": epoch + 1, **train, **{f"val_{k}": v for k, v in report.items()
+                                                     if not isinstance(v, (list, dict))}, "time": time.time() - start}
+            # Before cooldown the gates still move (and calibration comes at cooldown): a
+            # checkpoint from then has other masks and another budget than the final model.
+            is_best = (not self.gated or epoch >= min(cfg.cooldown, cfg.epochs - 1)) and report["top1"] > self.best_top1
+            self.best_top1 = report["top1"] if is_best else self.best_top1
+            if self.is_main:
+                with open(self.out / "metrics.jsonl", "a") as f:
+                    f.write(json.dumps(metrics) + "\n")
+                for name in ("last.pt", "best.pt") if is_best else ("last.pt",):
+                    self.checkpoint(epoch + 1).save(self.out / name)
+                log.info("epoch %d/%d: loss %.4f, train top-1 %.2f, val top-1 %.2f, FLOPs reduction %.1f%%",
+                         epoch + 1, cfg.epochs, train["loss"], train["top1"], report["top1"],
+                         100 * report["flops_reduction"])
+            for callback in self.callbacks:
+                callback(self, metrics)
+        return self._finish()
+
+    def _evaluate(self) -> dict[str, Any]:
+        if self.procs.world > 1:
+            # BatchNorm statistics drift apart per rank; evaluate what rank 0 saves
+            for buf in self.model.buffers():
+                dist.broadcast(buf, 0)
+        self._last_report = evaluate(self.model, self.loaders.val, self.device, distributed=self.procs.world > 1)
+        return self._last_report
+
+    def _finish(self) -> dict[str, Any]:
+        cfg, report = self.config, self._last_report
+        if self.gated and cfg.calibrate and self.calibrated is None:
+            # the gates never froze (cooldown >= epochs): calibrate the final model
+            self.calibrate(cfg.epochs)
+            if self.is_main:
+                self.checkpoint(cfg.epochs).save(self.out / "last.pt")
+            report = None
+        report = {
+            "model": cfg.model, "dataset": self.info.name, "mode": "dense" if cfg.dense else cfg.mode,
+            "criterion": None if cfg.dense else cfg.criterion, "threshold": None if cfg.dense else cfg.threshold,
+            "epochs": cfg.epochs, **(report or self._evaluate()),  # none yet: calibrated, or nothing trained here
+            "estimated_reduction": self.estimated, "best_top1": self.best_top1, "calibrated_decisions": self.calibrated,
+        }
+        if self.is_main:
+            write_report(report, self.out)
+        return report
+
+    # State -----------------------------------------------------------------------------------
+    def _wrap(self, train_gates: bool) -> nn.Module:
+        step = TrainStep(self.model, train_gates, self.config.balance_loss)
+        if self.procs.world == 1:
+            return step
+        return DistributedDataParallel(step, device_ids=[self.device] if self.device.type == "cuda" else None)
+
+    def checkpoint(self, epoch: int) -> Checkpoint:
+        """The run's state after ``epoch`` completed epochs."""
+        return Checkpoint(
+            model_name=self.config.model, num_classes=self.num_classes,
+            gate_config=self.config.gate_config().to_dict() if self.gated else None, model=self.model.state_dict(),
+            input_size=list(self.info.input_size), dataset=self.info.name, epoch=epoch,
+            optimizers=[o.state_dict() for o in self.optimizers], schedulers=[plain_state(s) for s in self.schedulers],
+            scaler=self.scaler.state_dict(), rng=rng_state(), best_top1=self.best_top1,
+            estimated_reduction=self.estimated, calibrated_decisions=self.calibrated, config=self.config.to_dict(),
+        )
+
+    def _load(self, ckpt: Checkpoint) -> None:
+        from ftwt.checkpoint import load_state_dict_into
+
+        load_state_dict_into(self.model, ckpt.model, strict=True)
+        load_optimizer_states(self.optimizers, self.schedulers, ckpt.optimizers, ckpt.schedulers)
+        if ckpt.scaler:
+            self.scaler.load_state_dict(ckpt.scaler)
+        self.start_epoch, self.best_top1 = int(ckpt.epoch), float(ckpt.best_top1)
+        self.estimated, self.calibrated = ckpt.estimated_reduction, ckpt.calibrated_decisions
+        set_rng_state(ckpt.rng)
+
+
+def _check_out_dir(out: Path, overwrite: bool, resume_path: str | None) -> None:
+    resuming_here = resume_path is not None and Path(resume_path).resolve().parent == out.resolve()
+    if (out / "last.pt").exists() and not overwrite and not resuming_here:
+        raise ConfigError(f"{out} already holds a run (last.pt); resume it with --resume "
+                          f"{out / 'last.pt'}, pass --overwrite, or choose another output folder")
+
+
+def _start_files(out: Path, cfg: TrainConfig, start_epoch: int) -> None:
+    """Write ``config.yaml``; drop the metrics lines of epochs after the checkpoint (redone now)."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    path = out / "metrics.jsonl"
+    if start_epoch == 0:
+        path.unlink(missing_ok=True)
+    elif path.exists():
+        keep = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln)["epoch"] <= start_epoch]
+        path.write_text("".join(ln + "\n" for ln in keep))
+
+
+def _build_model(cfg: TrainConfig, load_init: bool, sync_bn: bool, warn: bool) -> nn.Module:
+    model = load_model(cfg.model, cfg.num_classes, cfg.init if load_init else None)
+    if cfg.init is None and not cfg.dense and load_init and warn:
+        log.warning("FTWT without --init: gates learn from an untrained backbone; train a dense model first")
+    if sync_bn:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # new modules: before the gates hook them
+    if not cfg.dense:
+        attach_gates(model, cfg.gate_config())
+    return model
+
+
+__all__ = ["Callback", "Trainer"]
