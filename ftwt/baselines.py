@@ -25,7 +25,7 @@ from torch import nn
 
 from ftwt.errors import ConfigError
 from ftwt.flops import measure
-from ftwt.models.resnet_cifar import OptionAShortcut
+from ftwt.channel_scatter import ChannelScatter, scatter_pruner, swap_adapted
 from ftwt.surgery import detach_gates, is_gated
 
 log = logging.getLogger(__name__)
@@ -64,58 +64,6 @@ class StaticPruned:
         return (self.macs - self.target_macs) / self.target_macs
 
 
-class _ChannelScatter(nn.Module):
-    """A parameter-free shortcut that places input channels at given output positions.
-
-    Generalises the option-A shortcut (average pool, then zero channels on both sides) so
-    that Torch-Pruning can prune its input and output channels independently: output
-    channel ``j`` is input channel ``index[j]``, or zero where ``index[j] < 0``.
-    """
-
-    def __init__(self, in_channels: int, index: torch.Tensor, stride: int) -> None:
-        super().__init__()
-        self.in_channels = in_channels
-        self.stride = stride
-        # Buffers, so that .to(device) moves them; not persistent, the weights file stays as it was.
-        self.register_buffer("index", index.long(), persistent=False)
-        self.register_buffer("_dst", torch.empty(0, dtype=torch.long), persistent=False)
-        self.register_buffer("_src", torch.empty(0, dtype=torch.long), persistent=False)
-        self._refresh()
-
-    @classmethod
-    def from_option_a(cls, shortcut: OptionAShortcut, in_channels: int) -> _ChannelScatter:
-        out_channels = in_channels + 2 * shortcut.pad
-        index = torch.full((out_channels,), -1, dtype=torch.long)
-        index[shortcut.pad : shortcut.pad + in_channels] = torch.arange(in_channels)
-        return cls(in_channels, index, shortcut.stride)
-
-    @property
-    def out_channels(self) -> int:
-        return int(self.index.numel())
-
-    def _refresh(self) -> None:
-        dst = (self.index >= 0).nonzero().flatten()
-        self._dst, self._src = dst, self.index[dst]
-        # The common case stays a plain pad, as cheap as the original shortcut.
-        self._pad: tuple[int, int] | None = None
-        n = dst.numel()
-        if n == self.in_channels and n and torch.equal(self._src, torch.arange(n, device=self._src.device)):
-            lo = int(dst[0])
-            if int(dst[-1]) - lo + 1 == n:
-                self._pad = (lo, self.out_channels - lo - n)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.stride != 1:
-            x = F.avg_pool2d(x, self.stride)
-        if self._pad is not None:
-            return F.pad(x, (0, 0, 0, 0, *self._pad))
-        out = x.new_zeros(x.shape[0], self.out_channels, *x.shape[2:])
-        return out.index_copy(1, self._dst, x.index_select(1, self._src))
-
-    def extra_repr(self) -> str:
-        return f"{self.in_channels} -> {self.out_channels}, stride={self.stride}"
-
-
 def _tp() -> Any:
     try:
         import torch_pruning
@@ -124,63 +72,6 @@ def _tp() -> Any:
             "static pruning needs Torch-Pruning, which is not installed: pip install torch-pruning"
         ) from None
     return torch_pruning
-
-
-def _scatter_pruner(tp: Any) -> Any:
-    class ScatterPruner(tp.pruner.BasePruningFunc):
-        """Input and output channels of a :class:`_ChannelScatter` are pruned independently."""
-
-        TARGET_MODULES = _ChannelScatter
-
-        def prune_out_channels(self, layer: _ChannelScatter, idxs: list[int]) -> _ChannelScatter:
-            keep = torch.ones(layer.out_channels, dtype=torch.bool)
-            keep[list(idxs)] = False
-            layer.index = layer.index[keep.to(layer.index.device)]
-            layer._refresh()
-            return layer
-
-        def prune_in_channels(self, layer: _ChannelScatter, idxs: list[int]) -> _ChannelScatter:
-            keep = torch.ones(layer.in_channels, dtype=torch.bool)
-            keep[list(idxs)] = False
-            renumber = torch.full((layer.in_channels,), -1, dtype=torch.long)
-            renumber[keep] = torch.arange(int(keep.sum()))
-            index = layer.index.cpu()
-            valid = index >= 0
-            index[valid] = renumber[index[valid]]
-            layer.index = index.to(layer.index.device)
-            layer.in_channels = int(keep.sum())
-            layer._refresh()
-            return layer
-
-        def get_out_channels(self, layer: _ChannelScatter) -> int:
-            return layer.out_channels
-
-        def get_in_channels(self, layer: _ChannelScatter) -> int:
-            return layer.in_channels
-
-    return ScatterPruner()
-
-
-def _swap_option_a(model: nn.Module, example: torch.Tensor) -> None:
-    """Replace every option-A shortcut with an equivalent :class:`_ChannelScatter`, in place."""
-    shortcuts = {name: m for name, m in model.named_modules() if isinstance(m, OptionAShortcut)}
-    if not shortcuts:
-        return
-    in_channels: dict[str, int] = {}
-    handles = [
-        m.register_forward_pre_hook(lambda mod, args, name=name: in_channels.__setitem__(name, args[0].shape[1]))
-        for name, m in shortcuts.items()
-    ]
-    try:
-        with torch.no_grad():
-            model(example)
-    finally:
-        for h in handles:
-            h.remove()
-    for name, shortcut in shortcuts.items():
-        parent_name, _, attr = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, attr, _ChannelScatter.from_option_a(shortcut, in_channels[name]).to(example.device))
 
 
 def _importance(tp: Any, name: str) -> Any:
@@ -204,7 +95,7 @@ class _Plan:
     def __init__(self, tp: Any, model: nn.Module, example: torch.Tensor, importance: Any) -> None:
         linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
         self.graph = tp.DependencyGraph().build_dependency(
-            model, example_inputs=example, customized_pruners={_ChannelScatter: _scatter_pruner(tp)}
+            model, example_inputs=example, customized_pruners={ChannelScatter: scatter_pruner(tp)}
         )
         self.layers = self._shapes(model, example)
         self.groups: list[tuple[Any, torch.Tensor]] = []  # (group, channel order: least important first)
@@ -369,7 +260,7 @@ def prune_to_macs(
     dense = measure(work, [example]).dense_macs
     if target_macs >= dense:
         return StaticPruned(work, 0.0, dense, dense, float(target_macs))
-    _swap_option_a(work, example)
+    swap_adapted(work, example)
     plan = _Plan(tp, work, example, imp)
     floor = plan.macs(plan.counts(_MAX_RATIO, round_to))
     if target_macs < floor:

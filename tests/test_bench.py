@@ -10,7 +10,8 @@ import torch
 from conftest import input_for, randomize_bn
 
 from ftwt import GateConfig, attach_gates, get_model, mask_source, measure
-from ftwt.baselines import _ChannelScatter, _scatter_pruner, prune_to_macs, static_for_reduction, static_pruned
+from ftwt.baselines import prune_to_macs, static_for_reduction, static_pruned
+from ftwt.channel_scatter import STATIC_ADAPTERS, scatter_pruner
 from ftwt.bench import benchmark
 from ftwt.checkpoint import save_checkpoint
 from ftwt.cli import main
@@ -47,9 +48,9 @@ def test_option_a_scatter_prunes_like_zeroed_channels():
     import torch_pruning as tp
     shortcut = OptionAShortcut(16, 32, stride=2)
     x = torch.randn(2, 16, 8, 8)
-    scatter = _ChannelScatter.from_option_a(shortcut, 16)
+    scatter = STATIC_ADAPTERS[OptionAShortcut](shortcut, 16)
     assert torch.equal(scatter(x), shortcut(x))
-    pruner = _scatter_pruner(tp)
+    pruner = scatter_pruner(tp)
     pruner.prune_in_channels(scatter, [1, 3])
     pruner.prune_out_channels(scatter, [0, 9, 20])
     # Pruned inputs are channels that no longer exist: as if they were zero, then the output is cut.

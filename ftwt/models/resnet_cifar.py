@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ftwt.channel_scatter import ChannelScatter, register_static_adapter
 from ftwt.models._registry import register_model
 
 __all__ = [
@@ -62,6 +63,12 @@ class OptionAShortcut(nn.Module):
 
     def extra_repr(self) -> str:
         return f"stride={self.stride}, pad={self.pad}"
+
+
+@register_static_adapter(OptionAShortcut)
+def _option_a_scatter(shortcut: OptionAShortcut, in_channels: int) -> ChannelScatter:
+    """Static pruning cuts the shortcut's input and output channels apart: a channel scatter."""
+    return ChannelScatter.padded(in_channels, shortcut.pad, shortcut.pad, shortcut.stride)
 
 
 class BasicBlock(nn.Module):
