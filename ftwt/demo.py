@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class DemoConfig:
-    """Settings of the demo; the defaults take about 40 s on 2 (shared) CPU cores."""
+    """Settings of the demo (its run time is in the README)."""
 
     out_dir: str = "runs/demo"  # report.json, accuracy_vs_flops.png, dense/ and ftwt/ runs
     model: str = "resnet20"  # the smallest CIFAR ResNet: accurate on digits within a few epochs
@@ -40,7 +40,7 @@ class DemoConfig:
     train_subset: int | None = None  # first N training images only (quick checks); None: all 1,437
     seed: int = 0  # fixed: the demo gives the same numbers on every run
     device: str = "auto"  # CUDA if present, else CPU
-    threads: int | None = 1  # CPU threads; at 16 px a second one saves little and, on shared cores, costs 5x
+    threads: int | None = 1  # CPU threads; at 16 px a second one saves little and, on shared cores, costs more
     progress: bool = True  # tqdm bars
 
 

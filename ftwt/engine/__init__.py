@@ -17,9 +17,7 @@ Kernels (chosen per call from the shape, on CPU):
       filter's weight row that its live inputs need, 8 filters x 32 positions at a time in
       vector registers, with no copy of the weight block. On small maps each weight is used
       a handful of times, so the ``index_select`` copy of ``W[O][:, I]`` costs as much as the
-      product: the fused kernel was 2.5-3x faster than copy + MKL GEMM on 512-channel 2x2 and
-      4x4 maps (cold caches, one core), and on par with or faster than ``conv2d`` of a
-      pre-cut weight up to 56x56; it splits its tiles over the intra-op threads;
+      product, which the fused kernel avoids; it splits its tiles over the intra-op threads;
     * the gate of a ``pool = 1`` unit on a non-negative input: the native ``ftwt::gate_live``,
       one call for the per-channel sums (which give both the gate's pooled input and the live
       input channels), the gate's linear layer (rows split over the threads) and the kept filters;
@@ -30,18 +28,17 @@ Kernels (chosen per call from the shape, on CPU):
       with positions as rows up to 49 positions, the block gathered by ``index_select``;
     * larger maps: ``conv2d`` (PyTorch's own im2col + GEMM below its oneDNN threshold, oneDNN
       for a shape the layer has met before) or im2col + GEMM; depthwise: ``conv2d`` on the kept
-      channels only. Max-pooling goes through oneDNN (PyTorch's NCHW kernel is ~20x slower at
-      batch 1).
+      channels only. Max-pooling goes through oneDNN on large inputs (PyTorch's NCHW kernel is
+      much slower at batch 1).
 
 The native kernels are built on first use by PyTorch's extension loader (C++ compiler and
-``ninja``, ~30 s once, cached per machine); where that fails the engine warns and runs on
+``ninja``, once, cached per machine); where that fails the engine warns and runs on
 PyTorch's ops with the same outputs and multiply-adds. ``benchmarks/bench_engine.py`` times
-the engine against the dense, masked and static models; its latest table is in the README.
-What still limits it: the gates themselves (each reads its ``C_in x C_out`` weight once per
-sample, ~0.1-0.2 ms on 512-channel layers, which a static model does not pay), oneDNN's
-direct convolutions beating im2col + GEMM on large maps with few filters (ResNet-18's 56x56
-stage), and ~10 small Python-level ops per unit (~60 us), which dominate on ResNet-56's tiny
-layers.
+the engine against the dense, masked and static models; its latest table (and what the
+timings say) is in the README. What still limits it: the gates themselves (each reads its
+``C_in x C_out`` weight once per sample, which a static model does not pay), oneDNN's direct
+convolutions beating im2col + GEMM on large maps with few filters, and the small
+Python-level ops of each unit, which dominate on tiny layers.
 
 Example:
     >>> model = ftwt.attach_gates(ftwt.models.resnet56(), ftwt.GateConfig(threshold=0.9)).eval()

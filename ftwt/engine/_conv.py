@@ -22,15 +22,13 @@ from ftwt.errors import ConfigError, UnsupportedLayerError
 from ftwt.unit import GatedUnit
 
 # Up to this many output positions (N*H'*W') a convolution is im2col + one MKL GEMM: it needs
-# no per-shape kernel compilation, unlike oneDNN's conv2d (measured on AMD EPYC, see the package doc).
+# no per-shape kernel compilation, unlike oneDNN's conv2d (benchmarks/bench_engine.py).
 GEMM_MAX_POSITIONS = 4096
 # Up to this many positions they are the GEMM's rows rather than its columns.
 GEMM_ROWS_MAX_POSITIONS = 49
 # Up to this many output positions a gathered block goes through the fused native kernel
-# (when built). Measured on AMD EPYC (Zen 4), 60% of filters from 60% of inputs, cold caches:
-# 2.5-3x faster than index_select + GEMM on 512-channel 2x2 and 4x4 maps, and on par with or
-# faster than conv2d of a pre-cut weight (a static model's layer) up to 56x56, 1 and 2 threads; above
-# 32x32 at batch 1 its im2col costs what it saves (ResNet-18 at 224x224, end to end).
+# (when built): on small maps it saves the copy of the weight block; above 32x32 at batch 1
+# its im2col costs what it saves (benchmarks/bench_engine.py).
 NATIVE_MAX_POSITIONS = 1024
 # Up to this many weight values, a (filters, inputs) block is gathered one dimension at a time.
 _SMALL_WEIGHT = 65536
@@ -85,9 +83,9 @@ class SparseConv:
         self.out_per_group = self.c_out // self.groups
         kk = self.kernel[0] * self.kernel[1]
         self.weight = weight.contiguous()  # (C_out, C_in/g, kh, kw)
-        # One row per (filter, input) pair; 1x1 kernels gather single values from a flat view, 3x faster.
+        # One row per (filter, input) pair; 1x1 kernels gather single values from a flat view.
         self.rows = self.weight.view(self.c_out * self.in_per_group, kk) if kk > 1 else self.weight.view(-1)
-        # int32 row offsets: building the (|O|, |I|) gather index is 3x cheaper than in int64.
+        # int32 row offsets: building the (|O|, |I|) gather index is cheaper than in int64.
         self.row_base = torch.arange(self.c_out, dtype=torch.int32, device=weight.device) * self.in_per_group
         self.bias = bias
         dense_kernel = self.groups == 1 and kk > 1 and self.padding_mode == "zeros" and weight.device.type == "cpu"
@@ -236,7 +234,7 @@ class SparseConv:
             return self._gemm(cols, w.reshape(o, cin), b, n, hw)
         if w is self.weight and self.weight_cl is not None and rows > GEMM_ROWS_MAX_POSITIONS:
             # Every filter from every input: one fixed shape, so oneDNN compiles its kernel once;
-            # in channels-last it runs 1.2-1.4x faster than NCHW conv2d or im2col + GEMM. The
+            # in channels-last it beats NCHW conv2d and im2col + GEMM. The
             # output stays channels-last; later ops read it through its strides.
             x = x.contiguous(memory_format=torch.channels_last)
             return F.conv2d(x, self.weight_cl, b, self.stride, self.padding, self.dilation)
@@ -252,7 +250,7 @@ class SparseConv:
         """``w (|O|, K) @ cols (K, N*H'*W')`` as an ``(N, |O|, H', W')`` activation."""
         o, rows = w.shape[0], cols.shape[1]
         if rows <= GEMM_ROWS_MAX_POSITIONS:
-            # Few positions: positions as GEMM rows; MKL is 3-6x slower with them as columns.
+            # Few positions: positions as GEMM rows; MKL is slower with them as columns.
             y = F.linear(cols.t(), w, b)
             return y.view(n, hw[0], hw[1], o).permute(0, 3, 1, 2)
         y = torch.mm(w, cols)
@@ -265,9 +263,9 @@ class SparseConv:
 
         Below PyTorch's oneDNN threshold ``conv2d`` is its slow path (im2col + the same MKL
         GEMM) with padding and bias fused, which saves our pad, copy and bias ops on tiny
-        layers (ResNet-56). oneDNN JIT-compiles a kernel per new shape (~0.5 ms), which a
+        layers (ResNet-56). oneDNN JIT-compiles a kernel per new shape, which a
         sparse layer meets at almost every call unless its masks repeat; a repeated shape
-        runs 1.1-1.5x faster through oneDNN than through im2col + MKL's GEMM.
+        runs faster through oneDNN than through im2col + MKL's GEMM.
         """
         kh, kw = self.kernel
         if not (x.numel() > 20480 or min(kh, kw) > 3):  # PyTorch's rule for oneDNN at batch 1

@@ -12,7 +12,7 @@
 
 All four are operators of the ``ftwt`` namespace (``csrc/kernels.cpp``) with flop formulas,
 so :class:`torch.utils.flop_counter.FlopCounterMode` counts their multiply-adds. They are
-compiled by :func:`torch.utils.cpp_extension.load` (a C++ compiler and ``ninja``, ~30 s
+compiled by :func:`torch.utils.cpp_extension.load` (a C++ compiler and ``ninja``,
 once; the build is cached per machine under PyTorch's extensions folder,
 ``TORCH_EXTENSIONS_DIR``). Where they cannot be built the engine runs on PyTorch's own ops,
 with the same results and a warning saying why.

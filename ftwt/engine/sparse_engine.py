@@ -36,13 +36,11 @@ class SparseEngine:
         batch: how batches of more than one sample run. ``"loop"`` (default): one sample at
             a time, each with its own filters. ``"union"``: the whole batch at once on the
             union of its samples' filters, masked per sample afterwards (more multiply-adds,
-            fewer, larger calls). Measured on one core (ms per batch, dense / loop / union,
-            ground-truth masks, native kernels): VGG16-BN 32x32 r=0.85, batch 3: 27 / 19 / 18,
-            batch 8: 59 / 59 / 45; ResNet-18 224x224 r=0.85, batch 4: 156 / 108 / 127. Union
-            wins for small inputs, where per-call overhead dominates; loop for large ones.
+            fewer, larger calls). Union wins for small inputs, where per-call overhead
+            dominates; loop for large ones (README, "Real speedup").
         kernel: ``"auto"`` (default): on CPU, layers with small maps use a fused native
             gather + product kernel, compiled on first use (C++ compiler and ``ninja``,
-            ~30 s once, cached), or PyTorch's ops with a warning where it cannot be built;
+            once, cached), or PyTorch's ops with a warning where it cannot be built;
             ``"native"``: the same, but fail if it cannot be built; ``"torch"``: PyTorch's
             ops only. Outputs and multiply-adds are the same either way.
 
