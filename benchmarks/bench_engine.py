@@ -24,12 +24,12 @@ import torch
 from ftwt.baselines import prune_to_macs
 from ftwt.bench import benchmark, describe_machine, machine_info
 from ftwt.cli._common import default_input_size
-from ftwt.train import load_model
-from ftwt.train.runtime import resolve_device
 from ftwt.data import DataConfig, build_datasets
 from ftwt.flops import measure
 from ftwt.gate import GateConfig
 from ftwt.surgery import attach_gates, detach_gates, mask_source, set_threshold
+from ftwt.train import load_model
+from ftwt.train.runtime import resolve_device
 
 DEFAULT_MODELS = "vgg16_bn,resnet56,torchvision:resnet18"
 DEFAULT_THRESHOLDS = "1.0,0.95,0.9,0.85"

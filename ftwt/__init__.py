@@ -13,6 +13,7 @@ Example:
 from importlib.metadata import PackageNotFoundError, version
 
 from ftwt import models
+from ftwt.calibrate import calibrate_decisions, fold_decisions
 from ftwt.criteria import filter_scores, ground_truth, mass_mask, uniform_mask
 from ftwt.engine import SparseEngine, fold_bn
 from ftwt.errors import (
@@ -25,7 +26,6 @@ from ftwt.errors import (
     UnsupportedLayerError,
 )
 from ftwt.estimate import Estimate, estimate, find_threshold
-from ftwt.calibrate import calibrate_decisions, fold_decisions
 from ftwt.evaluate import evaluate
 from ftwt.flops import FlopsMeter, FlopsReport, LayerFlops, conv_macs, linear_macs, measure
 from ftwt.gate import Gate, GateConfig

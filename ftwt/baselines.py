@@ -23,9 +23,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ftwt.channel_scatter import ChannelScatter, scatter_pruner, swap_adapted
 from ftwt.errors import ConfigError
 from ftwt.flops import measure
-from ftwt.channel_scatter import ChannelScatter, scatter_pruner, swap_adapted
 from ftwt.surgery import detach_gates, is_gated
 
 log = logging.getLogger(__name__)

@@ -11,8 +11,8 @@ from conftest import input_for, randomize_bn
 
 from ftwt import GateConfig, attach_gates, get_model, mask_source, measure
 from ftwt.baselines import prune_to_macs, static_for_reduction, static_pruned
-from ftwt.channel_scatter import STATIC_ADAPTERS, scatter_pruner
 from ftwt.bench import benchmark
+from ftwt.channel_scatter import STATIC_ADAPTERS, scatter_pruner
 from ftwt.checkpoint import save_checkpoint
 from ftwt.cli import main
 from ftwt.cli.bench import _rows

@@ -13,18 +13,18 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from ftwt.calibrate import DECISION_RANGE, calibrate_decisions
 from ftwt.checkpoint import save_checkpoint
 from ftwt.cli import main
 from ftwt.data import DataConfig, build_datasets
 from ftwt.errors import DataError
 from ftwt.estimate import estimate
-from ftwt.calibrate import DECISION_RANGE, calibrate_decisions
 from ftwt.evaluate import evaluate
-from ftwt.report import write_report
 from ftwt.flops import measure
 from ftwt.gate import GateConfig
 from ftwt.models import get_model
 from ftwt.plots import plot_accuracy_vs_flops
+from ftwt.report import write_report
 from ftwt.surgery import attach_gates, gated_units, mask_source, set_decision
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

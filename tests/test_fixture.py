@@ -5,12 +5,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from ftwt.train import load_trained
 from ftwt.flops import measure
 from ftwt.models import _registry
 from ftwt.models.resnet_cifar import ResNetCifar
 from ftwt.record import record
 from ftwt.surgery import gated_units
+from ftwt.train import load_trained
 
 FIXTURES = Path(__file__).parent / "fixtures"
 

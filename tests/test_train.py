@@ -13,9 +13,8 @@ import torch
 
 from ftwt.checkpoint import load_checkpoint
 from ftwt.cli import main
-from ftwt.train import load_trained
 from ftwt.surgery import gate_parameters
-from ftwt.train import TrainConfig, Trainer, list_recipes, load_recipe
+from ftwt.train import TrainConfig, Trainer, list_recipes, load_recipe, load_trained
 
 # 8x8 digits, a few batches: every run here takes seconds on a CPU.
 TINY = dict(model="resnet20", dataset="digits", image_size=8, train_subset=64, val_subset=32, batch_size=32,

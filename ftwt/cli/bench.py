@@ -17,12 +17,12 @@ import torch
 
 from ftwt.bench import benchmark, describe_machine
 from ftwt.cli._common import add_json_arg, default_input_size, positive, print_json, print_table, unit_interval
-from ftwt.train import load_model, load_trained
-from ftwt.train.runtime import resolve_device
 from ftwt.data import DataConfig, build_datasets
 from ftwt.errors import ConfigError
 from ftwt.gate import GateConfig
 from ftwt.surgery import attach_gates, is_gated, set_threshold
+from ftwt.train import load_model, load_trained
+from ftwt.train.runtime import resolve_device
 
 log = logging.getLogger(__name__)
 

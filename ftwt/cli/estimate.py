@@ -9,11 +9,19 @@ from __future__ import annotations
 import argparse
 import logging
 
-from ftwt.cli._common import add_data_args, add_json_arg, add_model_args, positive, print_json, print_table, unit_interval
-from ftwt.train import load_model
-from ftwt.train.runtime import resolve_device
+from ftwt.cli._common import (
+    add_data_args,
+    add_json_arg,
+    add_model_args,
+    positive,
+    print_json,
+    print_table,
+    unit_interval,
+)
 from ftwt.data import DataConfig, build_datasets
 from ftwt.estimate import estimate, find_threshold
+from ftwt.train import load_model
+from ftwt.train.runtime import resolve_device
 
 log = logging.getLogger(__name__)
 

@@ -14,12 +14,12 @@ from typing import Any
 from torch.utils.data import DataLoader
 
 from ftwt.cli._common import add_json_arg, positive, print_json, print_table
-from ftwt.train import load_trained
-from ftwt.train.runtime import resolve_device
 from ftwt.data import DataConfig, build_datasets
 from ftwt.errors import ConfigError
 from ftwt.evaluate import evaluate
 from ftwt.report import write_report
+from ftwt.train import load_trained
+from ftwt.train.runtime import resolve_device
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:

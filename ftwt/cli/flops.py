@@ -7,8 +7,8 @@ import argparse
 import torch
 
 from ftwt.cli._common import add_json_arg, default_input_size, print_json, print_table
-from ftwt.train import load_model
 from ftwt.flops import measure
+from ftwt.train import load_model
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import operator
 from collections.abc import Callable
-from functools import partial
 from typing import Any
 
 import torch
@@ -20,10 +19,10 @@ import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
-from ftwt.engine._compact import Compact, add, cat_channels, pad_channels, widen
-from ftwt.engine._conv import SparseConv
 from ftwt._ops import ACTIVATIONS, act_after, activation, norm_after
 from ftwt.engine._channelwise import channelwise
+from ftwt.engine._compact import Compact, add, cat_channels, pad_channels, widen
+from ftwt.engine._conv import SparseConv
 from ftwt.errors import UnsupportedLayerError
 from ftwt.unit import GatedUnit
 
