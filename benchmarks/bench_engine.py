@@ -27,7 +27,8 @@ from ftwt.cli._common import default_input_size
 from ftwt.data import DataConfig, build_datasets
 from ftwt.flops import measure
 from ftwt.gate import GateConfig
-from ftwt.surgery import attach_gates, detach_gates, mask_source, set_threshold
+from ftwt.record import record
+from ftwt.surgery import attach_gates, detach_gates, set_threshold
 from ftwt.train import load_model
 from ftwt.train.runtime import resolve_device
 
@@ -115,7 +116,7 @@ def main(args: argparse.Namespace) -> int:
             set_threshold(model, r)
             # One static model per threshold, shared by the thread counts. Samples are
             # independent in eval mode, so one batch of all of them gives the timed mean.
-            with mask_source(model, "ground_truth"):
+            with record(model, masks="ground_truth"):
                 dynamic = measure(model, [inputs[: len(inputs) // args.batch_size * args.batch_size]]).dynamic_macs
             static = prune_to_macs(detach_gates(copy.deepcopy(model)), inputs[:1], dynamic).model
             for t in threads:

@@ -215,7 +215,7 @@ class FlopsMeter:
         prev: tuple[int, torch.Tensor] | None = None  # (channels, kept count) of the previous gate
         outputs = self._rec.outputs if self._rec is not None else {}
         for name, layer, active_in, in_shape, out_shape in pending:
-            unit = outputs.get(name)  # what the gated unit of this conv saw
+            seen = outputs.get(name)  # what the gated unit of this conv saw, if it has one
             if isinstance(layer, nn.Linear):
                 macs = float(linear_macs(layer, in_shape))
                 acc = self._layer(name, "linear", False, layer.out_features, layer.in_features)
@@ -226,29 +226,29 @@ class FlopsMeter:
                 acc.samples += n
                 total += macs
                 continue
-            mask = unit.mask if unit is not None else None
+            mask = seen.mask if seen is not None else None
             hw = out_shape[2:]
             dense = conv_macs(layer, hw)
             dyn = conv_macs(layer, hw, active_in, mask)
             kept = mask.sum(1, dtype=torch.float64).cpu() if mask is not None else torch.full((n,), float(layer.out_channels), dtype=torch.float64)
             ref_in = prev[1] if prev is not None and prev[0] == layer.in_channels else torch.full((n,), float(layer.in_channels), dtype=torch.float64)
             ref = layer.kernel_size[0] * layer.kernel_size[1] * hw[0] * hw[1] * ref_in / layer.groups * kept
-            if unit is not None:
+            if seen is not None:
                 prev = (layer.out_channels, kept)
-            acc = self._layer(name, "conv", unit is not None, layer.out_channels, layer.in_channels)
+            acc = self._layer(name, "conv", seen is not None, layer.out_channels, layer.in_channels)
             acc.dense += float(dense.item()) * n
             acc.dynamic += float(dyn.sum())
             acc.reference += float(ref.sum())
             acc.kept_out += float(kept.sum()) / layer.out_channels
             acc.kept_in += float(active_in.sum()) / layer.in_channels
             acc.samples += n
-            if unit is not None and unit.labels is not None:
-                acc.labels += float(unit.labels.sum()) / layer.out_channels
+            if seen is not None and seen.labels is not None:
+                acc.labels += float(seen.labels.sum()) / layer.out_channels
                 acc.label_samples += n
             total += dyn
-            if unit is not None and unit.logits is not None:
+            if seen is not None and seen.logits is not None:
                 g = self._layer(name + ".gate", "gate", True, layer.out_channels, layer.in_channels)
-                _, c, h, w = unit.in_shape
+                _, c, h, w = seen.in_shape
                 gm = float(self._gates[name].macs(c, h, w))
                 g.dynamic += gm * n
                 g.kept_out += n
