@@ -26,11 +26,13 @@ from ftwt.errors import ConfigError
 MODES = ("decoupled", "joint")
 
 
-@dataclass
+@dataclass(frozen=True)
 class GateConfig:
     """How gates are built and trained; the defaults are the reference code's.
 
-    Every check lives in :meth:`validate`, which construction and :meth:`replace` run.
+    Frozen: each gated unit keeps the one it was built with. Every check lives in
+    :meth:`validate`, which construction and :meth:`replace` run; a new option is a field
+    here, a check in :meth:`validate` and, if it changes the gate, a branch in :func:`build_gate`.
     """
 
     criterion: str = "mass"  # ground-truth rule: "mass" (threshold r) or "uniform" (ratio rho)

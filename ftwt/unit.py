@@ -69,6 +69,10 @@ class UnitOutput:
 class GatedUnit(nn.Module):
     """One gate plus the state of its unit.
 
+    To extend: what the gate computes is :func:`ftwt.gate.build_gate` (its feature
+    extractor and linear layer), how logits become a mask is :meth:`decide`, and a mask rule
+    for one pass is ``ftwt.record(model, masks=fn)``; labels come from :mod:`ftwt.criteria`.
+
     Attributes:
         spec: where the unit sits.
         config: the :class:`GateConfig` it was attached with (not changed afterwards).
