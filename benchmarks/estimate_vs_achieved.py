@@ -21,12 +21,10 @@ import torch
 
 from ftwt.baselines import finetune, static_pruned
 from ftwt.bench import describe_machine, machine_info
-from ftwt.checkpoint import load_checkpoint, load_state_dict_into
 from ftwt.data import DataConfig, build_loaders
 from ftwt.evaluate import evaluate
 from ftwt.flops import measure
-from ftwt.models import get_model
-from ftwt.train import TrainConfig, Trainer
+from ftwt.train import TrainConfig, Trainer, load_trained
 
 VARIANTS = {
     "reference (BCE, decision 0.5)": dict(balance_loss=False, calibrate=False),
@@ -66,8 +64,7 @@ def main(args: argparse.Namespace) -> None:
         run = Trainer(TrainConfig(init=str(out / "dense" / "last.pt"), threshold=args.mass, epochs=args.epochs,
                                   calibrate_batches=8, out_dir=str(out / name.split()[0]), **common, **extra)).fit()
         rows.append((name, run))
-    dense_model = get_model(args.model, num_classes=10)
-    load_state_dict_into(dense_model, load_checkpoint(out / "dense" / "last.pt")["model"])
+    dense_model, _ = load_trained(out / "dense" / "last.pt")
     static = {}  # variant -> (reduction, top-1) of a static model of that variant's achieved MACs
     for name, run in rows:
         model = static_pruned(dense_model, torch.randn(1, 3, 16, 16), run["dynamic_macs"])

@@ -52,18 +52,16 @@ def _summary(report: dict[str, Any]) -> dict[str, Any]:
 def _static_yardstick(cfg: DemoConfig, dense_ckpt: Path, target_macs: float, dense_macs: float) -> dict[str, Any]:
     """The bar a dynamic model has to clear: a static model of its FLOPs, trained as long."""
     from ftwt.baselines import finetune, static_pruned
-    from ftwt.checkpoint import load_checkpoint, load_state_dict_into
     from ftwt.data import DataConfig, build_loaders
     from ftwt.evaluate import evaluate
     from ftwt.flops import measure
-    from ftwt.models import get_model
+    from ftwt.train import load_trained
 
     torch.manual_seed(cfg.seed)
     data = DataConfig(dataset="digits", image_size=cfg.image_size, train_subset=cfg.train_subset,
                       batch_size=cfg.batch_size, workers=0)
     train, val, info = build_loaders(data)
-    model = get_model(cfg.model, num_classes=info.num_classes)
-    load_state_dict_into(model, load_checkpoint(dense_ckpt)["model"])
+    model, _ = load_trained(dense_ckpt)
     example = torch.zeros(1, *info.input_size)
     small = finetune(static_pruned(model, example, target_macs), train, cfg.ftwt_epochs)
     macs = measure(small, [torch.ones(1, *info.input_size)]).dense_macs

@@ -116,7 +116,7 @@ def test_checkpoint_save_load_and_load_trained(tmp_path):
                       model=model.state_dict(), epoch=3)
     ckpt.save(tmp_path / "c.pt")
     loaded, back = load_trained(tmp_path / "c.pt")
-    assert back.epoch == 3 and back.gated and back.can_resume()  # not enough to resume a run
+    assert back.epoch == 3 and back.gated and "optimizers" in back.missing_for_resume()
     assert all(u.decision == 0.6 for u in gated_units(loaded))
     with pytest.raises(ftwt.CheckpointError):
         Checkpoint.from_dict({"model": {}})

@@ -92,10 +92,11 @@ class Checkpoint:
         """
         return cls.from_dict(load_checkpoint(path), str(path))
 
-    def can_resume(self) -> list[str]:
+    def missing_for_resume(self) -> list[str]:
         """The keys an exact resume needs that this checkpoint lacks (empty: it can resume)."""
         data = self.to_dict()
-        return [k for k in RESUME_KEYS if data.get(k) is None or (k == "rng" and not data[k])]
+        return [k for k in RESUME_KEYS
+                if data.get(k) is None or (k in ("optimizers", "schedulers", "rng") and not data[k])]
 
     def build_model(self) -> nn.Module:
         """The model this checkpoint holds, with its weights (and gates, for FTWT runs)."""

@@ -41,6 +41,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from ftwt.calibrate import calibrate_decisions
+from ftwt.checkpoint import load_state_dict_into
 from ftwt.data import build_datasets
 from ftwt.errors import CheckpointError, ConfigError
 from ftwt.estimate import estimate
@@ -115,7 +116,7 @@ class Trainer:
                 model differs from the (overridden) config's.
         """
         ckpt = Checkpoint.load(path)
-        missing = ckpt.can_resume()
+        missing = ckpt.missing_for_resume()
         if missing:
             raise CheckpointError(f"{path} is not a training checkpoint written by ftwt train (missing {missing})")
         config = TrainConfig.from_dict({**ckpt.config, **(overrides or {})})
@@ -246,8 +247,6 @@ class Trainer:
         )
 
     def _load(self, ckpt: Checkpoint) -> None:
-        from ftwt.checkpoint import load_state_dict_into
-
         load_state_dict_into(self.model, ckpt.model, strict=True)
         load_optimizer_states(self.optimizers, self.schedulers, ckpt.optimizers, ckpt.schedulers)
         if ckpt.scaler:
