@@ -23,6 +23,8 @@ from ftwt.errors import (
     DeviceError,
     FTWTError,
     ModelNotFoundError,
+    NonFiniteLossError,
+    OutputError,
     UnsupportedLayerError,
 )
 from ftwt.estimate import Estimate, estimate, find_threshold
@@ -73,6 +75,8 @@ __all__ = [
     "TrainConfig",
     "Trainer",
     "ModelNotFoundError",
+    "NonFiniteLossError",
+    "OutputError",
     "Record",
     "UnitOutput",
     "UnitSpec",

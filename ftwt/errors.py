@@ -30,3 +30,11 @@ class CheckpointError(FTWTError, ValueError):
 
 class DeviceError(FTWTError, RuntimeError):
     """The requested device is not available on this machine."""
+
+
+class OutputError(FTWTError, OSError):
+    """The output folder cannot be written (unwritable, vanished, full) or another run is using it."""
+
+
+class NonFiniteLossError(FTWTError, FloatingPointError):
+    """Training diverged: the loss (or the weights) became inf or NaN."""

@@ -1,6 +1,7 @@
 """The ``ftwt`` command line: one module per subcommand, each with ``add_parser`` and ``run``.
 
-Any :class:`ftwt.errors.FTWTError` becomes one line on stderr and exit status 2.
+Any :class:`ftwt.errors.FTWTError`, and any ``OSError`` the environment raises (a file that
+cannot be read or written), becomes one line on stderr and exit status 2.
 """
 
 from __future__ import annotations
@@ -52,6 +53,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except BrokenPipeError:  # output piped into `head`
         return 0
+    except OSError as exc:  # the file system's answer (permissions, a full disk): the user can act on it
+        where = f": {exc.filename}" if exc.filename else ""
+        print(f"ftwt {args.command}: error: {exc.strerror or _one_line(exc)}{where}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print(f"ftwt {args.command}: interrupted", file=sys.stderr)
         return 130

@@ -77,10 +77,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--sync-bn", dest="sync_bn", action=_BOOL, help="SyncBatchNorm under torchrun (CUDA)")
     g.add_argument("--flops-every", dest="flops_every", type=int, help="count training FLOPs every N batches")
     g.add_argument("--seed", type=int, help="default 0")
+    g.add_argument("--skip-nonfinite", dest="skip_nonfinite", action=_BOOL,
+                   help="skip batches whose loss is inf/NaN (counted as skipped_nonfinite) instead of stopping")
 
     g = p.add_argument_group("output")
     g.add_argument("--out", dest="out_dir", metavar="DIR", help="output folder (default runs/train)")
     g.add_argument("--overwrite", action=_BOOL, help="start afresh in a folder that already holds a run")
+    g.add_argument("--save-every", dest="save_every", type=int, metavar="N",
+                   help="also write last.pt every N training steps, for long epochs (default: at epoch ends)")
     g.add_argument("--device", help="auto (default), cpu, cuda or cuda:N")
     g.add_argument("--progress", action=_BOOL, help="progress bar (default on)")
     g.add_argument("--json", action="store_true", default=False, help="print the final report as JSON")

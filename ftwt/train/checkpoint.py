@@ -39,6 +39,11 @@ class Checkpoint:
         input_size: ``[C, H, W]`` of one training sample.
         dataset: the dataset trained on.
         epoch: completed epochs.
+        step: training steps done in the epoch after those (a ``--save-every`` checkpoint); 0 at an
+            epoch's end. The loader's order is a function of ``(seed, epoch)``, so the step is
+            the loader's position; the epoch's batches before it are replayed without training.
+        epoch_sums: the metric sums of those steps (all processes'), so that the epoch's metrics
+            come out as if it had never been interrupted.
         optimizers, schedulers, scaler, rng: training state, for an exact resume.
         best_top1: best validation top-1 so far (among the epochs eligible for ``best.pt``).
         estimated_reduction: FLOPs reduction estimated before training (FTWT runs).
@@ -53,6 +58,8 @@ class Checkpoint:
     input_size: list[int] | None = None
     dataset: str | None = None
     epoch: int = 0
+    step: int = 0
+    epoch_sums: list[float] | None = None
     optimizers: list[dict[str, Any]] = field(default_factory=list)
     schedulers: list[dict[str, Any]] = field(default_factory=list)
     scaler: dict[str, Any] = field(default_factory=dict)

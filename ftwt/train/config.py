@@ -72,6 +72,8 @@ class TrainConfig:
     out_dir: str = "runs/train"  # config.yaml, metrics.jsonl, last.pt, best.pt, report.json
     overwrite: bool = False  # allow starting a fresh run in a folder that already holds one
     progress: bool = True  # tqdm bar on rank 0
+    save_every: int | None = None  # also write last.pt every N training steps (long epochs); None: at epoch ends
+    skip_nonfinite: bool = False  # skip batches whose loss is inf/NaN (counted in the metrics) instead of stopping
 
     def __post_init__(self) -> None:
         _check_types(self)
@@ -101,14 +103,15 @@ class TrainConfig:
     def _check_optimisation(self) -> None:
         _positive(self, "epochs")
         _positive(self, "flops_every")
+        _positive(self, "save_every", optional=True)
         if self.schedule is not None and self.schedule not in SCHEDULES:
             raise ConfigError(f"unknown schedule {self.schedule!r}; choose from {list(SCHEDULES)}")
         if any(m <= 0 for m in self.milestones):
             raise ConfigError(f"milestones must be > 0 (epochs, or fractions of epochs below 1), got {self.milestones}")
         for name in ("lr", "gate_lr"):
             value = getattr(self, name)
-            if value is not None and value <= 0:
-                raise ConfigError(f"{name} must be > 0, got {value}")
+            if value is not None and not 0 < value < math.inf:  # also refuses NaN
+                raise ConfigError(f"{name} must be a finite number > 0, got {value}")
         if self.lam < 0 or self.weight_decay < 0 or self.momentum < 0 or self.gate_momentum < 0 or self.gamma <= 0:
             raise ConfigError("lam, weight_decay and momenta must be >= 0 and gamma > 0")
 

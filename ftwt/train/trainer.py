@@ -40,15 +40,17 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
+from ftwt import _faults
+from ftwt._io import FolderLock, append_text, atomic_write_text, check_writable
 from ftwt.calibrate import calibrate_decisions
 from ftwt.checkpoint import load_state_dict_into
 from ftwt.data import build_datasets
-from ftwt.errors import CheckpointError, ConfigError
+from ftwt.errors import CheckpointError, ConfigError, NonFiniteLossError, OutputError
 from ftwt.estimate import estimate
 from ftwt.evaluate import evaluate
 from ftwt.report import write_report
 from ftwt.surgery import attach_gates, gate_parameters
-from ftwt.train._epoch import TrainStep, run_epoch
+from ftwt.train._epoch import Position, TrainStep, run_epoch
 from ftwt.train.checkpoint import Checkpoint, load_model
 from ftwt.train.config import TrainConfig
 from ftwt.train.optim import build_optimizers, load_optimizer_states, plain_state
@@ -91,12 +93,15 @@ class Trainer:
         self.num_classes, self.gated = cfg.num_classes, not cfg.dense
         self.model = _build_model(cfg, _state is None, cfg.sync_bn and self.procs.world > 1, self.is_main)
         self.model.to(self.device)
+        _check_input(self.model, self.info.input_size, cfg.model, self.device)
         self.optimizers, self.schedulers = build_optimizers(cfg, self.model)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
         self.start_epoch, self.best_top1, self.estimated = 0, -1.0, None
         self.calibrated: list[float] | None = None  # decision thresholds, once calibrated
         self.frozen = False  # gates frozen (from cooldown on)
         self._last_report: dict[str, Any] | None = None
+        self._lock = FolderLock(self.out)  # taken by fit() on rank 0
+        self._position: Position | None = None  # where a mid-epoch checkpoint left its epoch
         if _state is not None:
             self._load(_state)
         self._owns_group = self.procs.join(self.device)
@@ -120,6 +125,10 @@ class Trainer:
         if missing:
             raise CheckpointError(f"{path} is not a training checkpoint written by ftwt train (missing {missing})")
         config = TrainConfig.from_dict({**ckpt.config, **(overrides or {})})
+        changed = [k for k in _ORDER_KEYS if ckpt.step and getattr(config, k) != ckpt.config.get(k)]
+        if changed:
+            raise CheckpointError(f"{path} was saved in the middle of epoch {ckpt.epoch + 1}; resume it "
+                                  f"without changing {changed}, which decide the order of its batches")
         if config.model != ckpt.model_name or config.dense != (not ckpt.gated):
             kind = "gated" if ckpt.gated else "dense"
             raise CheckpointError(f"{path} holds a {kind} {ckpt.model_name}, which cannot resume a "
@@ -164,8 +173,15 @@ class Trainer:
     def fit(self) -> dict[str, Any]:
         """Train from the current epoch to ``epochs``; returns the final report."""
         try:
+            if self.is_main:
+                self._lock.acquire()
             return self._fit()
+        except OSError as exc:
+            if isinstance(exc, OutputError) or not _inside(exc.filename, self.out):
+                raise
+            raise OutputError(f"cannot write {exc.filename}: {exc.strerror or exc}") from exc
         finally:
+            self._lock.release()
             if self._owns_group:
                 dist.destroy_process_group()
 
@@ -173,14 +189,15 @@ class Trainer:
         cfg = self.config
         if self.is_main:
             _start_files(self.out, cfg, self.start_epoch)
-        if self.gated and self.start_epoch == 0:
+        if self.gated and self.start_epoch == 0 and self.estimated is None:
             self.on_start()
         for epoch in range(self.start_epoch, cfg.epochs):
             start = time.time()
             if self.gated and epoch >= cfg.cooldown and not self.frozen:
                 self.on_cooldown(epoch)
             self.loaders.seed_epoch(epoch)
-            train = run_epoch(self, epoch, train_gates=self.gated and not self.frozen)
+            position, self._position = self._position, None
+            train = run_epoch(self, epoch, train_gates=self.gated and not self.frozen, start=position)
             for sched in self.schedulers:
                 sched.step()
             report = self._evaluate()
@@ -191,10 +208,10 @@ class Trainer:
             is_best = (not self.gated or epoch >= min(cfg.cooldown, cfg.epochs - 1)) and report["top1"] > self.best_top1
             self.best_top1 = report["top1"] if is_best else self.best_top1
             if self.is_main:
-                with open(self.out / "metrics.jsonl", "a") as f:
-                    f.write(json.dumps(metrics) + "\n")
-                for name in ("last.pt", "best.pt") if is_best else ("last.pt",):
-                    self.checkpoint(epoch + 1).save(self.out / name)
+                self._lock.check()
+                append_text(self.out / "metrics.jsonl", json.dumps(metrics) + "\n")
+                # best.pt first: killed in between, the run redoes this epoch and writes both again
+                self._save(("best.pt", "last.pt") if is_best else ("last.pt",), epoch + 1)
                 log.info("epoch %d/%d: loss %.4f, train top-1 %.2f, val top-1 %.2f, FLOPs reduction %.1f%%",
                          epoch + 1, cfg.epochs, train["loss"], train["top1"], report["top1"],
                          100 * report["flops_reduction"])
@@ -207,6 +224,7 @@ class Trainer:
             # BatchNorm statistics drift apart per rank; evaluate what rank 0 saves
             for buf in self.model.buffers():
                 dist.broadcast(buf, 0)
+        _faults.pause_if("evaluate")
         self._last_report = evaluate(self.model, self.loaders.val, self.device, distributed=self.procs.world > 1)
         return self._last_report
 
@@ -216,7 +234,7 @@ class Trainer:
             # the gates never froze (cooldown >= epochs): calibrate the final model
             self.calibrate(cfg.epochs)
             if self.is_main:
-                self.checkpoint(cfg.epochs).save(self.out / "last.pt")
+                self._save(("last.pt",), cfg.epochs)
             report = None
         report = {
             "model": cfg.model, "dataset": self.info.name, "mode": "dense" if cfg.dense else cfg.mode,
@@ -246,6 +264,26 @@ class Trainer:
             estimated_reduction=self.estimated, calibrated_decisions=self.calibrated, config=self.config.to_dict(),
         )
 
+    def save_position(self, epoch: int, step: int, sums: torch.Tensor) -> None:
+        """Write ``last.pt`` in the middle of ``epoch`` (``save_every``): ``step`` steps done, their metric sums."""
+        if self.procs.world > 1:
+            sums = sums.clone()
+            dist.all_reduce(sums)
+        if self.is_main:
+            self._save(("last.pt",), epoch, step=step, epoch_sums=sums.tolist())
+
+    def _save(self, names: Sequence[str], epochs_done: int, **position: Any) -> None:
+        """Write checkpoints atomically; never non-finite weights, never into a folder that vanished."""
+        self._lock.check()
+        ckpt = replace(self.checkpoint(epochs_done), **position)
+        bad = [k for k, v in ckpt.model.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+        if bad:
+            when = f"epoch {epochs_done + 1}, step {position['step']}" if position.get("step") else f"epoch {epochs_done}"
+            raise NonFiniteLossError(f"the weights became non-finite ({bad[0]}) by {when}: training diverged; "
+                                     f"the last good checkpoint in {self.out} is kept; lower --lr")
+        for name in names:
+            ckpt.save(self.out / name)
+
     def _load(self, ckpt: Checkpoint) -> None:
         load_state_dict_into(self.model, ckpt.model, strict=True)
         load_optimizer_states(self.optimizers, self.schedulers, ckpt.optimizers, ckpt.schedulers)
@@ -254,9 +292,21 @@ class Trainer:
         self.start_epoch, self.best_top1 = int(ckpt.epoch), float(ckpt.best_top1)
         self.estimated, self.calibrated = ckpt.estimated_reduction, ckpt.calibrated_decisions
         set_rng_state(ckpt.rng)
+        if ckpt.step:
+            self._position = Position(int(ckpt.step), list(ckpt.epoch_sums), ckpt.rng)
+
+
+# What decides the order of an epoch's batches: a mid-epoch checkpoint resumes only with them unchanged.
+_ORDER_KEYS = ("dataset", "data_dir", "image_size", "batch_size", "train_subset", "seed")
+
+
+def _inside(filename: Any, folder: Path) -> bool:
+    return filename is not None and Path(str(filename)).absolute().is_relative_to(folder.absolute())
 
 
 def _check_out_dir(out: Path, overwrite: bool, resume_path: str | None) -> None:
+    FolderLock(out).check_free()
+    check_writable(out)
     resuming_here = resume_path is not None and Path(resume_path).resolve().parent == out.resolve()
     if (out / "last.pt").exists() and not overwrite and not resuming_here:
         raise ConfigError(f"{out} already holds a run (last.pt); resume it with --resume "
@@ -265,14 +315,35 @@ def _check_out_dir(out: Path, overwrite: bool, resume_path: str | None) -> None:
 
 def _start_files(out: Path, cfg: TrainConfig, start_epoch: int) -> None:
     """Write ``config.yaml``; drop the metrics lines of epochs after the checkpoint (redone now)."""
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    atomic_write_text(out / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     path = out / "metrics.jsonl"
     if start_epoch == 0:
         path.unlink(missing_ok=True)
     elif path.exists():
-        keep = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln)["epoch"] <= start_epoch]
-        path.write_text("".join(ln + "\n" for ln in keep))
+        keep = [ln for ln in path.read_text().splitlines() if (e := _epoch_of(ln)) is not None and e <= start_epoch]
+        atomic_write_text(path, "".join(ln + "\n" for ln in keep))
+
+
+def _epoch_of(line: str) -> int | None:
+    """The epoch of a metrics line; None for a line a kill cut short."""
+    try:
+        return int(json.loads(line)["epoch"])
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+def _check_input(model: nn.Module, input_size: Sequence[int], name: str, device: torch.device) -> None:
+    """One sample through the model in eval mode (no state changes): a size it cannot take is one line now."""
+    was_training = model.training
+    try:
+        with torch.no_grad():
+            model.eval()(torch.zeros(1, *input_size, device=device))
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(f"{name} cannot take {'x'.join(map(str, input_size))} inputs ({first}); "
+                          "choose another --image-size or model") from None
+    finally:
+        model.train(was_training)
 
 
 def _build_model(cfg: TrainConfig, load_init: bool, sync_bn: bool, warn: bool) -> nn.Module:
