@@ -8,6 +8,7 @@ stored specs of gated units and uses the same pattern for the convolutions witho
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
@@ -89,6 +90,34 @@ def act_after(tail: torch.fx.Node, modules: dict[str, nn.Module], strict: bool =
     if len(after) == 1 and after[0].args and after[0].args[0] is tail and activation(after[0], modules, strict):
         return after[0]
     return None
+
+
+_ADDS = {operator.add, operator.iadd, torch.add}
+
+
+def _is_add(node: torch.fx.Node) -> bool:
+    return (node.op == "call_function" and node.target in _ADDS) or (
+        node.op == "call_method" and node.target in ("add", "add_"))
+
+
+def feeds_add(node: torch.fx.Node, modules: dict[str, nn.Module]) -> bool:
+    """Whether ``node``'s output reaches an addition before any conv or linear layer.
+
+    Such a unit writes a residual stream (a ResNet stem, the last conv of a block):
+    the next convolution sees the union of both branches, so its masks thin little.
+    """
+    seen, todo = set(), list(node.users)
+    while todo:
+        user = todo.pop()
+        if user in seen:
+            continue
+        seen.add(user)
+        if _is_add(user):
+            return True
+        if user.op == "call_module" and isinstance(modules[user.target], (nn.Conv2d, nn.Linear)):
+            continue
+        todo.extend(user.users)
+    return False
 
 
 def trace(model: nn.Module) -> torch.fx.GraphModule:

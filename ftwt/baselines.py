@@ -31,6 +31,9 @@ from ftwt.surgery import detach_gates, is_gated
 log = logging.getLogger(__name__)
 
 IMPORTANCES = ("l1", "l2", "random")
+# "all": every channel group loses the same share; "internal": only groups with one producing
+# convolution (a ResNet block's inner channels), so residual streams keep their width.
+SCOPES = ("all", "internal")
 _MAX_RATIO = 0.99  # upper end of the ratio search; every group keeps at least one channel anyway
 
 
@@ -92,7 +95,7 @@ class _Plan:
     search runs on the formula and the model is pruned once, at the end.
     """
 
-    def __init__(self, tp: Any, model: nn.Module, example: torch.Tensor, importance: Any) -> None:
+    def __init__(self, tp: Any, model: nn.Module, example: torch.Tensor, importance: Any, scope: str = "all") -> None:
         linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
         self.graph = tp.DependencyGraph().build_dependency(
             model, example_inputs=example, customized_pruners={ChannelScatter: scatter_pruner(tp)}
@@ -115,6 +118,9 @@ class _Plan:
                     continue
                 side = "out" if self.graph.is_out_channel_pruning_fn(item.dep.handler) else "in"
                 members.append((layer, side, rank[torch.tensor(list(item.root_idxs), dtype=torch.long)]))
+            producers = {id(layer) for layer, side, _ in members if side == "out" and isinstance(layer, nn.Conv2d)}
+            if scope == "internal" and len(producers) > 1:
+                continue  # a residual stream: several convolutions write these channels
             self.groups.append((group, order))
             self.members.append(members)
         self.sizes = [order.numel() for _, order in self.groups]
@@ -220,6 +226,7 @@ def prune_to_macs(
     *,
     importance: str = "l1",
     round_to: int | None = None,
+    scope: str = "all",
 ) -> StaticPruned:
     """Prune a copy of ``model`` uniformly until its dense MACs are closest to ``target_macs``.
 
@@ -235,6 +242,9 @@ def prune_to_macs(
         target_macs: per-sample MACs wanted (``ftwt.flops`` convention: one MAC per multiply-add).
         importance: channel ranking: ``"l1"`` or ``"l2"`` weight magnitude, or ``"random"``.
         round_to: keep channel counts multiples of this (e.g. 8 for vectorised kernels).
+        scope: ``"all"`` channel groups, or ``"internal"`` ones only (see :data:`SCOPES`): for
+            residual networks the stronger static model at the same FLOPs is usually the
+            one that keeps the residual streams whole.
 
     Returns:
         A :class:`StaticPruned` with the eval-mode copy and its measured MACs. A target at
@@ -261,7 +271,9 @@ def prune_to_macs(
     if target_macs >= dense:
         return StaticPruned(work, 0.0, dense, dense, float(target_macs))
     swap_adapted(work, example)
-    plan = _Plan(tp, work, example, imp)
+    if scope not in SCOPES:
+        raise ConfigError(f"unknown static pruning scope {scope!r}; choose from {list(SCOPES)}")
+    plan = _Plan(tp, work, example, imp, scope)
     floor = plan.macs(plan.counts(_MAX_RATIO, round_to))
     if target_macs < floor:
         raise ConfigError(
@@ -285,6 +297,7 @@ def static_pruned(
     *,
     importance: str = "l1",
     round_to: int | None = None,
+    scope: str = "all",
 ) -> nn.Module:
     """A physically narrower copy of ``model`` whose dense MACs are closest to ``target_macs``.
 
@@ -295,7 +308,8 @@ def static_pruned(
         >>> small(torch.randn(2, 3, 32, 32)).shape
         torch.Size([2, 10])
     """
-    return prune_to_macs(model, example_input, target_macs, importance=importance, round_to=round_to).model
+    return prune_to_macs(model, example_input, target_macs, importance=importance, round_to=round_to,
+                         scope=scope).model
 
 
 def static_for_reduction(
@@ -305,6 +319,7 @@ def static_for_reduction(
     *,
     importance: str = "l1",
     round_to: int | None = None,
+    scope: str = "all",
 ) -> StaticPruned:
     """Prune a copy of ``model`` to a FLOPs reduction (``0.5``: half the dense MACs).
 
@@ -315,7 +330,8 @@ def static_for_reduction(
         raise ConfigError(f"reduction must be in [0, 1), got {reduction}")
     device = next(model.parameters()).device
     dense = measure(model, [example_input[:1].to(device)]).dense_macs
-    return prune_to_macs(model, example_input, dense * (1.0 - reduction), importance=importance, round_to=round_to)
+    return prune_to_macs(model, example_input, dense * (1.0 - reduction), importance=importance,
+                         round_to=round_to, scope=scope)
 
 
 def finetune(
@@ -348,4 +364,4 @@ def finetune(
     return model.eval()
 
 
-__all__ = ["IMPORTANCES", "StaticPruned", "finetune", "prune_to_macs", "static_for_reduction", "static_pruned"]
+__all__ = ["IMPORTANCES", "SCOPES", "StaticPruned", "finetune", "prune_to_macs", "static_for_reduction", "static_pruned"]

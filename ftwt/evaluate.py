@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ftwt._passes import Sums, all_reduce, batches, unwrap
-from ftwt.errors import DataError
+from ftwt.errors import ConfigError, DataError
 from ftwt.flops import FlopsMeter, FlopsReport
 from ftwt.record import Record, record
 from ftwt.surgery import gated_units, is_gated
@@ -56,6 +56,7 @@ class _GateCounts:
         # rows: true keep (TP), false keep (FP), false prune (FN), true prune (TN), label keeps
         self.confusion = torch.zeros(len(units), 5, dtype=torch.float64, device=device)
         self.on = [torch.zeros(u.out_channels, dtype=torch.float64, device=device) for u in units]
+        self.label_on = [torch.zeros(u.out_channels, dtype=torch.float64, device=device) for u in units]
         self.has_labels = True
 
     def add(self, rec: Record) -> None:
@@ -70,6 +71,7 @@ class _GateCounts:
                 self.has_labels = False
                 continue
             labels = out.labels.to(mask.device)
+            self.label_on[j] += labels.sum(0, dtype=torch.float64)
             self.confusion[j] += torch.stack([
                 (mask & labels).sum(), (mask & ~labels).sum(), (~mask & labels).sum(), (~mask & ~labels).sum(),
                 labels.sum(),
@@ -85,6 +87,7 @@ def evaluate(
     distributed: bool = False,
     max_batches: int | None = None,
     ground_truth: bool = True,
+    masks: str = "gate",
 ) -> dict[str, Any]:
     """Accuracy, FLOPs and gate statistics of ``model`` over ``loader``.
 
@@ -110,6 +113,8 @@ def evaluate(
         ground_truth: for gated models, compute labels and the perfect-gate pass. False
             gives a cheaper check (accuracy, FLOPs, how dynamic the masks are) without the
             keys that need labels.
+        masks: the masks applied: ``"gate"`` (predicted) or ``"ground_truth"`` (the oracle
+            bound: perfect gates, which cannot be deployed since labels need the full output).
 
     Returns:
         A JSON-ready dict: ``top1``, ``top5`` (percent; top-5 is top-min(5, classes)),
@@ -117,7 +122,11 @@ def evaluate(
         ``reference_macs``, ``reference_reduction``, ``gate_macs``, ``per_sample_macs``
         (``min``/``mean``/``max``); gated models add ``ground_truth_reduction``,
         ``gate_accuracy``, ``gate_precision``, ``gate_recall``, ``kept``, ``kept_labels``,
-        ``varying_fraction``, ``always_on_fraction``, ``always_off_fraction`` and
+        ``varying_fraction``, ``always_on_fraction``, ``always_off_fraction``,
+        ``label_varying_fraction`` (filters whose *label* differs between inputs),
+        ``static_oracle_accuracy`` (accuracy of the best input-independent predictor of the
+        labels: each filter's majority label), ``gate_lift`` (``gate_accuracy`` minus it:
+        at or below zero the gates have learned each filter's prior, not the input) and
         ``per_layer`` (one dict per gated unit). Undefined ratios are None.
 
     Raises:
@@ -139,7 +148,9 @@ def evaluate(
     task = torch.zeros(4, dtype=torch.float64, device=device)  # top1 hits, top5 hits, loss sum, samples
     was_training = model.training
     model.eval()
-    gate_ctx = record(model, masks="gate", labels=with_gt) if gated else contextlib.nullcontext()
+    if masks not in ("gate", "ground_truth"):
+        raise ConfigError(f"evaluate: unknown masks {masks!r}; choose 'gate' or 'ground_truth'")
+    gate_ctx = record(model, masks=masks, labels=with_gt) if gated else contextlib.nullcontext()
     try:
         with torch.no_grad(), gate_ctx as rec:
             for x, y in batches(loader, max_batches):
@@ -195,6 +206,7 @@ def evaluate(
         sums.add("units", unit_rows)
         sums.add("confusion", counts.confusion)
         sums.add("on", torch.cat(counts.on))
+        sums.add("label_on", torch.cat(counts.label_on))
         sums.add("labels_missing", [0.0 if counts.has_labels or not with_gt else 1.0])
     extremes = torch.tensor(
         [float(pred.per_sample.max()), -float(pred.per_sample.min())] if pred else [-math.inf, -math.inf],
@@ -228,17 +240,36 @@ def evaluate(
     return report
 
 
+def _prior_keys(label_on: torch.Tensor, n: float, gate_accuracy: float | None) -> dict[str, Any]:
+    """How input-dependent the labels are, and whether the gates beat each filter's prior.
+
+    ``label_on`` holds, per filter, how many of the ``n`` inputs its label keeps. The best
+    predictor that ignores the input keeps a filter iff most inputs keep it; its accuracy is
+    the mean of ``max(p, 1 - p)`` over filters (``p`` the keep rate).
+    """
+    if gate_accuracy is None or not label_on.numel():
+        return {"label_varying_fraction": None, "static_oracle_accuracy": None, "gate_lift": None}
+    p = label_on / n
+    prior = float(torch.maximum(p, 1 - p).mean())
+    return {
+        "label_varying_fraction": float(((label_on > 0) & (label_on < n)).double().mean()),
+        "static_oracle_accuracy": prior,
+        "gate_lift": gate_accuracy - prior,
+    }
+
+
 def _gate_report(
     units: list[GatedUnit], sums: Sums, n: float, with_gt: bool, dense_sum: float, gt_sum: float
 ) -> dict[str, Any]:
     """The gated keys of :func:`evaluate`'s report, from the reduced sums."""
     confusion = sums["confusion"]  # (U, 5): TP, FP, FN, TN, label keeps
     with_labels = with_gt and not sums["labels_missing"][0].item()
-    on_all = sums["on"]
+    on_all, label_all = sums["on"], sums["label_on"]
     widths = [u.out_channels for u in units]
     per_layer, offset = [], 0
     for j, unit in enumerate(units):
         on = on_all[offset : offset + widths[j]]
+        label_on = label_all[offset : offset + widths[j]]
         offset += widths[j]
         tp, fp, fn, tn, label_keeps = confusion[j].tolist()
         dense, dynamic, gt_kept = sums["units"][j].tolist()
@@ -257,6 +288,7 @@ def _gate_report(
             "gate_accuracy": _ratio(tp + tn, tp + fp + fn + tn) if with_labels else None,
             "precision": _ratio(tp, tp + fp) if with_labels else None,
             "recall": _ratio(tp, tp + fn) if with_labels else None,
+            **_prior_keys(label_on, n, _ratio(tp + tn, tp + fp + fn + tn) if with_labels else None),
         }
         per_layer.append(entry)
     out: dict[str, Any] = {
@@ -274,6 +306,7 @@ def _gate_report(
             gate_accuracy=_ratio(tp + tn, tp + fp + fn + tn),
             gate_precision=_ratio(tp, tp + fp),
             gate_recall=_ratio(tp, tp + fn),
+            **_prior_keys(label_all, n, _ratio(tp + tn, tp + fp + fn + tn)),
         )
     out["per_layer"] = per_layer
     return out

@@ -24,6 +24,9 @@ from ftwt.criteria import CRITERIA
 from ftwt.errors import ConfigError
 
 MODES = ("decoupled", "joint")
+FEATURES = ("avg", "avgmax")
+RULES = ("threshold", "topk")
+SCOPES = ("all", "internal")
 
 
 @dataclass(frozen=True)
@@ -42,6 +45,12 @@ class GateConfig:
     embed_target: int | None = None  # if set, d = round(sqrt(target / C_in)) per unit instead
     softmax: bool = True  # softmax over pooled features before the linear layer
     decision: float = 0.5  # a filter is computed iff sigmoid(logit) > decision
+    features: str = "avg"  # gate input: "avg" pooling (reference) or "avgmax" (average and max, concatenated)
+    hidden: int = 0  # width of a hidden ReLU layer in the gate; 0: one linear layer (reference)
+    rule: str = "threshold"  # mask: "threshold" (sigmoid > decision, reference) or "topk" (each sample's top logits;
+    #   with the uniform criterion: as many filters as its labels keep, C - floor(rho * C))
+    ste: bool = False  # straight-through estimator: the task loss trains the gates through their decision
+    scope: str = "all"  # units to gate: "all", or "internal" (not those whose output feeds a residual add)
 
     def __post_init__(self) -> None:
         self.validate()
@@ -62,6 +71,15 @@ class GateConfig:
             raise ConfigError(f"embed_target must be >= 1, got {self.embed_target}")
         if not 0.0 < self.decision < 1.0:
             raise ConfigError(f"decision threshold must be in (0, 1), got {self.decision}")
+        for name, value, choices in (("features", self.features, FEATURES), ("rule", self.rule, RULES),
+                                     ("scope", self.scope, SCOPES)):
+            if value not in choices:
+                raise ConfigError(f"unknown gate {name} {value!r}; choose from {list(choices)}")
+        if self.hidden < 0:
+            raise ConfigError(f"gate hidden width must be >= 0, got {self.hidden}")
+        if self.rule == "topk" and self.criterion != "uniform":
+            raise ConfigError("gate rule 'topk' keeps a fixed count per unit: use it with criterion 'uniform' "
+                              "(threshold = the share of filters pruned)")
 
     def replace(self, **changes: Any) -> GateConfig:
         """A validated copy with ``changes`` applied."""
@@ -82,41 +100,53 @@ class GateConfig:
 
 
 class PooledFeatures(nn.Module):
-    """The gate's input features: adaptive average pool to ``pool x pool``, flatten, optional softmax."""
+    """The gate's input features: each channel pooled to ``pool x pool`` (average, and max with
+    ``with_max``), flattened, optional softmax.
 
-    def __init__(self, pool: int = 1, softmax: bool = True) -> None:
+    The reference's softmax over average-pooled features squeezes them into a distribution
+    whose entries are all about ``1 / C_in``; without it and with the max beside the mean,
+    the gate sees how strongly and how locally each input channel fires.
+    """
+
+    def __init__(self, pool: int = 1, softmax: bool = True, with_max: bool = False) -> None:
         super().__init__()
         self.pool = pool
         self.softmax = softmax
+        self.with_max = with_max
 
     def out_features(self, in_channels: int) -> int:
-        return in_channels * self.pool * self.pool
+        return in_channels * self.pool * self.pool * (2 if self.with_max else 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         z = F.adaptive_avg_pool2d(x, self.pool).flatten(1)
+        if self.with_max:
+            z = torch.cat([z, F.adaptive_max_pool2d(x, self.pool).flatten(1)], 1)
         return z.softmax(dim=1) if self.softmax else z
 
     def macs(self, in_channels: int, height: int, width: int) -> int:
-        """Pooling reads every input value once."""
-        return in_channels * height * width
+        """Pooling reads every input value once per pooling kind."""
+        return in_channels * height * width * (2 if self.with_max else 1)
 
 
 class Gate(nn.Module):
-    """Features of the unit's input, then one logit per output filter.
+    """Features of the unit's input, an optional hidden ReLU layer, then one logit per output filter.
 
     Args:
         in_channels: channels of the unit's input.
         out_channels: filters of the unit.
-        pool: adaptive average pool size ``d``.
+        pool: adaptive pool size ``d``.
         softmax: apply softmax over the pooled features.
         features: a feature extractor to use instead of :class:`PooledFeatures`.
+        hidden: width of a hidden layer (0: none).
     """
 
     def __init__(self, in_channels: int, out_channels: int, pool: int = 1, softmax: bool = True,
-                 features: nn.Module | None = None) -> None:
+                 features: nn.Module | None = None, hidden: int = 0) -> None:
         super().__init__()
         self.features = features if features is not None else PooledFeatures(pool, softmax)
-        self.fc = nn.Linear(self.features.out_features(in_channels), out_channels)
+        width = self.features.out_features(in_channels)
+        self.hidden = nn.Linear(width, hidden) if hidden else None
+        self.fc = nn.Linear(hidden or width, out_channels)
 
     @property
     def pool(self) -> int:
@@ -126,17 +156,29 @@ class Gate(nn.Module):
     def softmax(self) -> bool:
         return self.features.softmax
 
+    @property
+    def is_reference(self) -> bool:
+        """Average pooling straight into one linear layer: the form the engine's fused native gate computes."""
+        return isinstance(self.features, PooledFeatures) and not self.features.with_max and self.hidden is None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(self.features(x))
+        z = self.features(x)
+        if self.hidden is not None:
+            z = F.relu(self.hidden(z))
+        return self.fc(z)
 
     def macs(self, in_channels: int, height: int, width: int) -> int:
-        """Per-sample cost: the features, then the linear layer."""
-        return self.features.macs(in_channels, height, width) + self.fc.in_features * self.fc.out_features
+        """Per-sample cost: the features, then the linear layers."""
+        lin = self.fc.in_features * self.fc.out_features
+        if self.hidden is not None:
+            lin += self.hidden.in_features * self.hidden.out_features
+        return self.features.macs(in_channels, height, width) + lin
 
 
 def build_gate(config: GateConfig, in_channels: int, out_channels: int) -> Gate:
     """The gate ``config`` asks for, for a unit of ``in_channels`` inputs and ``out_channels`` filters."""
-    return Gate(in_channels, out_channels, config.pool_size(in_channels), config.softmax)
+    features = PooledFeatures(config.pool_size(in_channels), config.softmax, config.features == "avgmax")
+    return Gate(in_channels, out_channels, features=features, hidden=config.hidden)
 
 
-__all__ = ["MODES", "Gate", "GateConfig", "PooledFeatures", "build_gate"]
+__all__ = ["FEATURES", "MODES", "RULES", "SCOPES", "Gate", "GateConfig", "PooledFeatures", "build_gate"]

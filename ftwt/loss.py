@@ -6,11 +6,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ftwt.record import Record, last_record
+from ftwt.record import Record, last_record, record
 
 
 def unit_loss(logits: torch.Tensor, labels: torch.Tensor, balance: bool = False) -> torch.Tensor:
@@ -53,3 +56,47 @@ def mask_loss(model: nn.Module | Record, balance: bool = False) -> torch.Tensor:
     if not terms:
         return sum((p.sum() * 0 for p in rec.units[0].parameters()), torch.zeros(()))
     return torch.stack(terms).mean()
+
+
+def _dense_with_logits(unit: Any, logits: torch.Tensor | None, labels: torch.Tensor | None) -> None:
+    return None  # the gates run (their logits are kept), no mask is applied
+
+
+def fit_gates(model: nn.Module, batches: Iterable[torch.Tensor], optimizer: torch.optim.Optimizer,
+              steps: int, balance: bool = False) -> float:
+    """Fit the gates to their labels on the frozen model, before any fine-tuning.
+
+    The backbone runs densely in eval mode (its weights and BatchNorm statistics stay as
+    they are) and each gate learns from the labels of the unmasked model, as the reference
+    code's initialisation step does: gates that start from this fit pick informed filters
+    from the first fine-tuning step on, instead of random ones.
+
+    Args:
+        model: a gated model.
+        batches: input batches; ``steps`` of them are used (fewer if it runs out).
+        optimizer: an optimizer over the gate parameters.
+        steps: optimizer steps.
+        balance: class-balanced mask loss.
+
+    Returns:
+        The mean mask loss of the last step (0.0 when no step ran).
+    """
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    last = 0.0
+    try:
+        with record(model, masks=_dense_with_logits, labels=True) as rec:
+            for step, x in enumerate(batches):
+                if step >= steps:
+                    break
+                model(x.to(device))
+                loss = mask_loss(rec, balance)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                last = float(loss.detach())
+    finally:
+        model.zero_grad(set_to_none=True)  # in joint mode the loss reached the backbone too
+        model.train(was_training)
+    return last

@@ -16,7 +16,7 @@ from fnmatch import fnmatch
 
 from torch import nn
 
-from ftwt._ops import NORMS, act_after, activation, trace
+from ftwt._ops import NORMS, act_after, activation, feeds_add, trace
 from ftwt.errors import ConfigError, UnsupportedLayerError
 from ftwt.gate import GateConfig
 from ftwt.record import record
@@ -33,7 +33,7 @@ def _selected(name: str, include: Sequence[str] | None, exclude: Sequence[str]) 
 
 
 def find_units(
-    model: nn.Module, include: Sequence[str] | None = None, exclude: Sequence[str] = ()
+    model: nn.Module, include: Sequence[str] | None = None, exclude: Sequence[str] = (), scope: str = "all"
 ) -> list[UnitSpec]:
     """Find the gateable units of ``model`` in forward order.
 
@@ -45,6 +45,10 @@ def find_units(
         model: any ``nn.Module`` that ``torch.fx.symbolic_trace`` can trace.
         include: glob patterns of convolution names to gate (default: all).
         exclude: glob patterns of convolution names not to gate.
+        scope: ``"all"``, or ``"internal"``: skip units whose output feeds a residual add.
+            Behind an add the next convolution sees the union of both branches, so pruning
+            such a unit's filters saves little; a block's internal channels save in two
+            convolutions (the block's first, and the input side of the next).
 
     Returns:
         One :class:`UnitSpec` per gated convolution.
@@ -84,6 +88,8 @@ def find_units(
             tail, norm = norm_users[0], norm_users[0].target
         act_node = act_after(tail, modules)
         act = activation(act_node, modules) if act_node is not None else None
+        if scope == "internal" and feeds_add(act_node if act_node is not None else tail, modules):
+            continue
         units.append(UnitSpec(conv=name, norm=norm, act=act))
     return units
 
@@ -107,6 +113,7 @@ def attach_gates(
         config: gate settings (default :class:`GateConfig`).
         include: glob patterns of convolution names to gate (default: all).
         exclude: glob patterns of convolution names to leave dense.
+            ``config.scope`` narrows the units further (see :func:`find_units`).
         units: explicit units, for models ``torch.fx`` cannot trace.
 
     Returns:
@@ -121,7 +128,7 @@ def attach_gates(
     if hasattr(model, GATES_ATTR):
         raise ConfigError("model already has gates; call detach_gates(model) first")
     config = config or GateConfig()
-    specs = list(units) if units is not None else find_units(model, include, exclude)
+    specs = list(units) if units is not None else find_units(model, include, exclude, config.scope)
     if not specs:
         raise UnsupportedLayerError(f"{type(model).__name__}: no Conv2d to gate (include={include}, exclude={exclude})")
     named = dict(model.named_modules())

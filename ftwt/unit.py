@@ -10,6 +10,7 @@ Which mask it applies and whether it builds labels is set by :func:`ftwt.record`
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -161,10 +162,37 @@ class GatedUnit(nn.Module):
         self._refresh()
 
     # Deciding ---------------------------------------------------------------------------
+    @property
+    def k(self) -> int:
+        """Filters computed per sample under the ``topk`` rule: what the uniform criterion keeps."""
+        return max(1, self.out_channels - math.floor(self.threshold * self.out_channels))
+
     def decide(self, logits: torch.Tensor) -> torch.Tensor:
-        """The gate's mask for ``logits``: filters whose probability exceeds :attr:`decision`."""
-        with torch.no_grad():  # no gradient through the decision: the task loss never trains the gate
+        """The gate's mask for ``logits``: filters whose probability exceeds :attr:`decision`
+        (rule ``threshold``), or each sample's ``k`` largest logits (rule ``topk``)."""
+        with torch.no_grad():  # the mask itself carries no gradient (see _straight_through)
+            if self.config.rule == "topk":
+                top = logits.topk(self.k, dim=1).indices
+                return torch.zeros_like(logits, dtype=torch.bool).scatter_(1, top, True)
             return torch.sigmoid(logits) > self.decision
+
+    def _straight_through(self, logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The hard mask in the forward pass; in the backward pass the gradient of a sigmoid
+        centred on the decision boundary, so the task loss tells each gate which filters help.
+
+        The boundary is ``logit(decision)`` for ``threshold``, and halfway between each sample's
+        k-th and (k+1)-th logit for ``topk``.
+        """
+        if self.config.rule == "topk":
+            if self.k < self.out_channels:
+                top = logits.detach().topk(self.k + 1, dim=1).values
+                centre = (top[:, -2:-1] + top[:, -1:]) / 2
+            else:
+                centre = logits.detach().amin(1, keepdim=True) - 1.0
+        else:
+            centre = logits.new_tensor(math.log(self.decision / (1.0 - self.decision)))
+        soft = torch.sigmoid(logits - centre)
+        return mask.to(soft.dtype) + (soft - soft.detach())
 
     def predict(self, x: torch.Tensor) -> torch.Tensor:
         """Boolean mask ``(N, C_out)`` the gate predicts for input ``x``."""
@@ -223,6 +251,8 @@ class GatedUnit(nn.Module):
         self.last = UnitOutput(logits, mask, labels, self._in_shape, tuple(y.shape))
         if mask is None:
             return None
+        if self.masks == "gate" and self.config.ste and self.training and torch.is_grad_enabled():
+            return y * self._straight_through(logits, mask)[:, :, None, None].to(y.dtype)
         return y * mask[:, :, None, None].to(y.dtype)
 
 

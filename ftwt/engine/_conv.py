@@ -101,7 +101,10 @@ class SparseConv:
             fc = unit.gate.fc
             self.gate_w, self.gate_b = fc.weight.detach(), fc.bias.detach() if fc.bias is not None else None
             self.gate_pool, self.gate_softmax = unit.gate.pool, unit.gate.softmax
-        self.native_gate = native and unit is not None and self.gate_pool == 1 and trim_inputs
+        # The fused paths compute the reference gate (average pool, one linear layer); the
+        # native one also decides by threshold. Other gates run as the model's own module.
+        self.fused_gate = unit is not None and unit.gate.is_reference and self.gate_pool == 1
+        self.native_gate = native and self.fused_gate and unit.config.rule == "threshold" and trim_inputs
 
     def _padding(self, conv: nn.Conv2d) -> tuple[int, int]:
         if not isinstance(conv.padding, str):
@@ -116,6 +119,12 @@ class SparseConv:
     # Gate -------------------------------------------------------------------------
     def gate(self, x: Compact) -> Tensor:
         """Gate logits ``(N, C_out)`` from the compact input, as :class:`ftwt.gate.Gate` computes them."""
+        if not self.unit.gate.is_reference:
+            data = x.data
+            if x.idx is not None:
+                # Channels not stored are zero: pooled (average or max) they give zero features.
+                data = data.new_zeros((data.shape[0], self.c_in, *data.shape[2:])).index_copy_(1, x.idx, data)
+            return self.unit.gate(data)
         pooled = F.adaptive_avg_pool2d(x.data, self.gate_pool)
         if x.idx is not None:
             # Channels not stored are zero, so they pool to zero; softmax still sees them.
@@ -142,7 +151,7 @@ class SparseConv:
             if mask.shape != logits.shape:
                 raise ConfigError(f"masks[{self.name!r}] has shape {tuple(mask.shape)}, expected {tuple(logits.shape)}")
         else:
-            mask = torch.sigmoid(logits) > self.unit.decision
+            mask = self.unit.decide(logits)
         keep = mask[0] if mask.shape[0] == 1 else mask.any(0)
         out = keep.nonzero().squeeze(1)
         extra = False
@@ -363,7 +372,7 @@ class SparseConv:
         if self.native_gate and x.nonneg and x.data.dim() == 4 and x.data.shape[0] == 1 and x.data.shape[1] and x.data.dtype == torch.float32:
             x, logits, kept = self._gate_and_trim_native(x)
             out, mask, extra = self._select(logits, masks, kept)
-        elif self.unit is not None and self.trim_inputs and self.gate_pool == 1 and x.nonneg and x.data.dim() == 4 and x.data.shape[1]:
+        elif self.unit is not None and self.trim_inputs and self.fused_gate and x.nonneg and x.data.dim() == 4 and x.data.shape[1]:
             x, logits = self._gate_and_trim(x)
             out, mask, extra = self._select(logits, masks)
         else:
