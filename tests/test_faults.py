@@ -23,8 +23,8 @@ import torch
 from ftwt.checkpoint import load_checkpoint
 from ftwt.train import Checkpoint, TrainConfig, Trainer
 
-STEPS, EPOCHS = 6, 3  # 96 samples in batches of 16
-ARGS = ["--model", "resnet20", "--image-size", "8", "--train-subset", "96", "--val-subset", "32", "--batch-size",
+STEPS, EPOCHS = 8, 3  # 128 samples in batches of 16
+ARGS = ["--model", "resnet20", "--image-size", "8", "--train-subset", "128", "--val-subset", "32", "--batch-size",
         "16", "--workers", "0", "--no-progress", "--device", "cpu", "--epochs", str(EPOCHS), "--save-every", "2",
         "--calibrate", "--calibrate-batches", "2", "--seed", "1"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
@@ -123,7 +123,7 @@ def test_killed_and_resumed_run_equals_uninterrupted(tmp_path, dense_init):
         if kind == "timer":
             proc = _start(faulty, dense_init, log, resume=epochs + steps > 0)
             started = _wait_for(proc, _locked_by(faulty, proc))  # past start-up: training
-            time.sleep(rng.uniform(0.0, 1.0))
+            time.sleep(rng.uniform(0.0, 0.3))
         else:
             nth = {"step": rng.randint(1, min(5, left - 1)), "evaluate": 1, "write:last.pt": rng.randint(1, 2)}[kind]
             proc = _start(faulty, dense_init, log, pause=f"{kind}#{nth}", resume=epochs + steps > 0)

@@ -171,7 +171,14 @@ class Trainer:
 
     # Loop ------------------------------------------------------------------------------------
     def fit(self) -> dict[str, Any]:
-        """Train from the current epoch to ``epochs``; returns the final report."""
+        """Train from the current epoch to ``epochs``; returns the final report.
+
+        Rank 0 holds the output folder's lock (:class:`ftwt._io.FolderLock`) while it runs.
+
+        Raises:
+            OutputError: another live run uses the output folder, or the folder cannot be written.
+            NonFiniteLossError: the loss or the weights became inf/NaN; the last good checkpoint is kept.
+        """
         try:
             if self.is_main:
                 self._lock.acquire()
