@@ -169,3 +169,31 @@ def test_second_run_on_a_live_folder_is_refused_and_a_killed_one_frees_it(tmp_pa
     # the kernel dropped the dead run's lock: the folder is free again at once
     assert main(["train", *tiny]) == 0
     assert _position(out) == (1, 0)
+
+
+class _Crash(Exception):
+    pass
+
+
+def test_mid_epoch_resume_with_loader_workers_is_exact(tmp_path):
+    """Worker processes draw their own augmentation: the resume replays them to the saved step."""
+    base = dict(model="resnet20", dense=True, image_size=8, train_subset=64, val_subset=16, batch_size=16, workers=2,
+                progress=False, device="cpu", epochs=2, save_every=2)
+    full = Trainer(TrainConfig(**base, out_dir=str(tmp_path / "full")))
+    full.fit()
+    part = Trainer(TrainConfig(**base, out_dir=str(tmp_path / "part")))
+    save = part.save_position
+
+    def save_then_crash(epoch, step, sums):
+        save(epoch, step, sums)
+        if epoch == 1:
+            raise _Crash
+
+    part.save_position = save_then_crash
+    with pytest.raises(_Crash):
+        part.fit()
+    resumed = Trainer.resume(str(tmp_path / "part" / "last.pt"))
+    assert (resumed.start_epoch, resumed._position.step) == (1, 2)
+    resumed.fit()
+    _same(full.model.state_dict(), resumed.model.state_dict(), "model")
+    assert _metrics(tmp_path / "full") == _metrics(tmp_path / "part")
