@@ -40,15 +40,17 @@ def register_static_adapter(module_type: type) -> Callable[[AdapterT], AdapterT]
 class ChannelScatter(nn.Module):
     """A parameter-free shortcut that places input channels at given output positions.
 
-    Generalises zero-padding shortcuts (such as the CIFAR ResNets' option A: average pool,
-    then zero channels on both sides) so that Torch-Pruning can prune its input and output channels independently: output
-    channel ``j`` is input channel ``index[j]``, or zero where ``index[j] < 0``.
+    Generalises zero-padding shortcuts (such as the CIFAR ResNets' option A: average pool
+    or subsample, then zero channels) so that Torch-Pruning can prune its input and output
+    channels independently: output channel ``j`` is input channel ``index[j]``, or zero where
+    ``index[j] < 0``. ``stride`` downsamples first, by average pooling or, with ``subsample``,
+    by taking every ``stride``-th pixel.
     """
 
-    def __init__(self, in_channels: int, index: torch.Tensor, stride: int) -> None:
+    def __init__(self, in_channels: int, index: torch.Tensor, stride: int, subsample: bool = False) -> None:
         super().__init__()
         self.in_channels = in_channels
-        self.stride = stride
+        self.stride, self.subsample = stride, subsample
         # Buffers, so that .to(device) moves them; not persistent, the weights file stays as it was.
         self.register_buffer("index", index.long(), persistent=False)
         self.register_buffer("_dst", torch.empty(0, dtype=torch.long), persistent=False)
@@ -56,11 +58,11 @@ class ChannelScatter(nn.Module):
         self._refresh()
 
     @classmethod
-    def padded(cls, in_channels: int, before: int, after: int, stride: int = 1) -> ChannelScatter:
+    def padded(cls, in_channels: int, before: int, after: int, stride: int = 1, subsample: bool = False) -> ChannelScatter:
         """The input channels with ``before`` and ``after`` zero channels around them."""
         index = torch.full((in_channels + before + after,), -1, dtype=torch.long)
         index[before : before + in_channels] = torch.arange(in_channels)
-        return cls(in_channels, index, stride)
+        return cls(in_channels, index, stride, subsample)
 
     @property
     def out_channels(self) -> int:
@@ -79,14 +81,14 @@ class ChannelScatter(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.stride != 1:
-            x = F.avg_pool2d(x, self.stride)
+            x = x[:, :, :: self.stride, :: self.stride] if self.subsample else F.avg_pool2d(x, self.stride)
         if self._pad is not None:
             return F.pad(x, (0, 0, 0, 0, *self._pad))
         out = x.new_zeros(x.shape[0], self.out_channels, *x.shape[2:])
         return out.index_copy(1, self._dst, x.index_select(1, self._src))
 
     def extra_repr(self) -> str:
-        return f"{self.in_channels} -> {self.out_channels}, stride={self.stride}"
+        return f"{self.in_channels} -> {self.out_channels}, stride={self.stride}{', subsample' if self.subsample else ''}"
 
 
 def scatter_pruner(tp: Any) -> Any:

@@ -1,5 +1,6 @@
 """Static pruning yardstick, ``benchmark()``, ``ftwt bench`` and the benchmark script."""
 
+import copy
 import importlib.util
 import json
 import sys
@@ -12,12 +13,12 @@ from conftest import input_for, randomize_bn
 from ftwt import GateConfig, attach_gates, get_model, mask_source, measure
 from ftwt.baselines import prune_to_macs, static_for_reduction, static_pruned
 from ftwt.bench import benchmark
-from ftwt.channel_scatter import STATIC_ADAPTERS, scatter_pruner
+from ftwt.channel_scatter import STATIC_ADAPTERS, scatter_pruner, swap_adapted
 from ftwt.checkpoint import save_checkpoint
 from ftwt.cli import main
 from ftwt.cli.bench import _rows
 from ftwt.errors import ConfigError
-from ftwt.models import OptionAShortcut
+from ftwt.models import SHORTCUTS, OptionAShortcut
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_engine.py"
 TIMING_KEYS = ("dense_ms", "masked_ms", "engine_ms", "static_ms")
@@ -44,9 +45,10 @@ def test_static_pruned_hits_target(name, caplog):
     assert "predicted" not in caplog.text  # the search's MACs formula agrees with the pruned model
 
 
-def test_option_a_scatter_prunes_like_zeroed_channels():
+@pytest.mark.parametrize("layout", SHORTCUTS)
+def test_option_a_scatter_prunes_like_zeroed_channels(layout):
     import torch_pruning as tp
-    shortcut = OptionAShortcut(16, 32, stride=2)
+    shortcut = OptionAShortcut(16, 32, stride=2, shortcut=layout)
     x = torch.randn(2, 16, 8, 8)
     scatter = STATIC_ADAPTERS[OptionAShortcut](shortcut, 16)
     assert torch.equal(scatter(x), shortcut(x))
@@ -61,10 +63,16 @@ def test_option_a_scatter_prunes_like_zeroed_channels():
     assert torch.equal(scatter(x[:, keep_in]), shortcut(zeroed)[:, keep_out])
 
 
-def test_option_a_shortcut_pruned_consistently():
+@pytest.mark.parametrize("layout", SHORTCUTS)
+def test_option_a_shortcut_pruned_consistently(layout):
     # A 30% cut leaves the stage widths at odd ratios, so the shortcut is no longer a symmetric pad.
-    model = get_model("resnet20").eval()
+    model = randomize_bn(get_model("resnet20", shortcut=layout)).eval()
     x = input_for("resnet20")
+    adapted = copy.deepcopy(model)
+    swap_adapted(adapted, x)
+    assert not any(isinstance(m, OptionAShortcut) for m in adapted.modules())
+    with torch.no_grad():
+        torch.testing.assert_close(adapted(x), model(x))  # the adapter keeps the layout
     res = static_for_reduction(model, x, 0.3)
     assert res.ratio > 0 and abs(res.reduction - 0.3) < 0.01 and abs(res.relative_error) < 0.02
     widths = {m.out_channels for m in res.model.modules() if isinstance(m, torch.nn.Conv2d)}

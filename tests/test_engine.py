@@ -24,6 +24,7 @@ from ftwt import (
 )
 from ftwt.data import DataConfig, build_datasets
 from ftwt.engine import SparseEngine, fold_bn
+from ftwt.models import SHORTCUTS
 from ftwt.surgery import detach_gates
 
 MODELS = list_models() + ["torchvision:resnet18", "torchvision:mobilenet_v2"]
@@ -110,6 +111,18 @@ def _assert_exact(model, x):
     macs, _, ref1 = _honest_macs_without_pooling(model, x[:1], "gate")
     assert _close(engine(x[:1]), ref1)
     assert _engine_macs(engine, x[:1]) == macs
+
+
+@pytest.mark.parametrize("layout", SHORTCUTS)
+def test_every_option_a_layout(layout):
+    model = _gated(get_model("resnet20", num_classes=10, shortcut=layout))
+    _assert_exact(model, torch.randn(2, 3, 32, 32))
+    # the shortcut's downsampling (pooling or x[:, :, ::2, ::2]) runs on compact values
+    from ftwt.engine._channelwise import channelwise
+
+    shortcut = torch.fx.symbolic_trace(get_model("resnet20", shortcut=layout).layer2[0].shortcut)
+    ops = [n for n in shortcut.graph.nodes if n.op == "call_function" and n.target is not F.pad]
+    assert len(ops) == 1 and channelwise(ops[0], {}) is not None
 
 
 @pytest.mark.parametrize("name,exclude", [("resnet20", ["layer2.*"]), ("torchvision:resnet18", ["*downsample*", "conv1"])])

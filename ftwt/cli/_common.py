@@ -7,6 +7,8 @@ import json
 import sys
 from typing import Any
 
+from ftwt.models.resnet_cifar import SHORTCUTS
+
 CIFAR_INPUT = (3, 32, 32)
 IMAGENET_INPUT = (3, 224, 224)
 
@@ -16,6 +18,28 @@ def add_model_args(parser: argparse.ArgumentParser, required: bool = True) -> No
     group.add_argument("--model", required=required, help="registry name (see list_models) or torchvision:NAME")
     group.add_argument("--num-classes", type=int, default=None, help="classifier outputs (default: the data's)")
     group.add_argument("--init", metavar="CKPT", default=None, help="dense weights to start from (.pt or .safetensors)")
+    add_shortcut_arg(group)
+
+
+def add_shortcut_arg(group: argparse._ActionsContainer, default_help: str = "avgpool") -> None:
+    group.add_argument("--shortcut", choices=SHORTCUTS, default=argparse.SUPPRESS,
+                       help="CIFAR ResNets' option-A shortcut, as the weights were trained: reference (FTWT code: "
+                            "pool, zeros after), subsample (x[:, :, ::2, ::2], zeros both sides) or avgpool "
+                            f"(pool, zeros both sides); default: {default_help}")
+
+
+def model_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """Builder arguments the flags set (only those given, so other models take none)."""
+    return {"shortcut": args.shortcut} if getattr(args, "shortcut", None) else {}
+
+
+def load_trained_model(path: str, args: argparse.Namespace) -> tuple[Any, Any]:
+    """:func:`ftwt.load_trained`, with the builder arguments the flags give replacing the checkpoint's."""
+    from ftwt.train import Checkpoint
+
+    ckpt = Checkpoint.load(path)
+    ckpt.model_kwargs = {**(ckpt.model_kwargs or {}), **model_kwargs(args)}
+    return ckpt.build_model(), ckpt
 
 
 def add_data_args(parser: argparse.ArgumentParser, default: str = "digits") -> None:

@@ -16,12 +16,22 @@ from typing import Any
 import torch
 
 from ftwt.bench import benchmark, describe_machine
-from ftwt.cli._common import add_json_arg, default_input_size, positive, print_json, print_table, unit_interval
+from ftwt.cli._common import (
+    add_json_arg,
+    add_shortcut_arg,
+    default_input_size,
+    load_trained_model,
+    model_kwargs,
+    positive,
+    print_json,
+    print_table,
+    unit_interval,
+)
 from ftwt.data import DataConfig, build_datasets
 from ftwt.errors import ConfigError
 from ftwt.gate import GateConfig
 from ftwt.surgery import attach_gates, is_gated, set_threshold
-from ftwt.train import load_model, load_trained
+from ftwt.train import load_model
 from ftwt.train.runtime import resolve_device
 
 log = logging.getLogger(__name__)
@@ -35,6 +45,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--mass", type=unit_interval, default=None,
                    help="mass threshold r: ground-truth masks at r (required with --model)")
     p.add_argument("--init", metavar="CKPT", default=None, help="dense weights for --model (.pt or .safetensors)")
+    add_shortcut_arg(p, "the checkpoint's, else avgpool")
     p.add_argument("--num-classes", type=positive(int), default=None, help="classifier outputs (default: the data's)")
     group = p.add_argument_group("data")
     group.add_argument("--dataset", default=None, help="digits (embedded), cifar10, cifar100 or folder "
@@ -64,7 +75,7 @@ def _load(args: argparse.Namespace) -> tuple[torch.nn.Module | None, str, str, s
     if args.checkpoint is not None:
         if args.init is not None or args.num_classes is not None:
             raise ConfigError("--init and --num-classes go with --model; a checkpoint carries its own weights")
-        model, ckpt = load_trained(args.checkpoint)
+        model, ckpt = load_trained_model(args.checkpoint, args)
         name, trained_on = ckpt.model_name, ckpt.dataset or "digits"
         dataset = args.dataset or trained_on
         size = ckpt.input_size
@@ -91,7 +102,7 @@ def run(args: argparse.Namespace) -> int:
     _, val, info = build_datasets(DataConfig(dataset=dataset, data_dir=args.data_dir, image_size=shape[-1],
                                              val_subset=args.samples))
     if model is None:
-        model = load_model(name, args.num_classes or info.num_classes, args.init)
+        model = load_model(name, args.num_classes or info.num_classes, args.init, **model_kwargs(args))
         if args.init is None:
             log.warning("no --init given: ground-truth masks of untrained weights; pass a trained dense checkpoint")
         attach_gates(model, GateConfig(threshold=args.mass))

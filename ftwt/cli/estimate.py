@@ -13,6 +13,7 @@ from ftwt.cli._common import (
     add_data_args,
     add_json_arg,
     add_model_args,
+    model_kwargs,
     positive,
     print_json,
     print_table,
@@ -43,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     cfg = DataConfig(dataset=args.dataset, data_dir=args.data_dir, download=args.download, train_subset=args.samples)
     train, _, info = build_datasets(cfg)
-    model = load_model(args.model, args.num_classes or info.num_classes, args.init).to(device)
+    model = load_model(args.model, args.num_classes or info.num_classes, args.init, **model_kwargs(args)).to(device)
     if args.init is None:
         log.warning("no --init given: estimating on untrained weights; pass a trained dense checkpoint for a real budget")
     # Training images without augmentation would be closer to the truth, but the loader's

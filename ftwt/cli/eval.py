@@ -13,12 +13,11 @@ from typing import Any
 
 from torch.utils.data import DataLoader
 
-from ftwt.cli._common import add_json_arg, positive, print_json, print_table
+from ftwt.cli._common import add_json_arg, add_shortcut_arg, load_trained_model, positive, print_json, print_table
 from ftwt.data import DataConfig, build_datasets
 from ftwt.errors import ConfigError
 from ftwt.evaluate import evaluate
 from ftwt.report import write_report
-from ftwt.train import load_trained
 from ftwt.train.runtime import resolve_device
 
 
@@ -32,6 +31,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     group.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
     group.add_argument("--max-batches", type=positive(int), default=None, help="evaluate at most N batches")
     p.add_argument("--device", default="auto")
+    add_shortcut_arg(p, "the checkpoint's (avgpool for checkpoints that do not say)")
     p.add_argument("--out", default=None, help="folder for report.json and per_layer.png (default: the checkpoint's)")
     add_json_arg(p)
     p.set_defaults(func=run)
@@ -68,12 +68,20 @@ def _table(out: dict[str, Any]) -> list[tuple[str, str]]:
         f"masks vary for {out['varying_fraction']:.2%} of decisions; {out['always_on_fraction']:.1%} of filters "
         f"always on, {out['always_off_fraction']:.1%} always off",
     ))
+    if out.get("gate_lift") is not None:
+        verdict = ("the gates predict the labels better than each filter's prior" if out["gate_lift"] > 0 else
+                   "no better than each filter's prior: the gates have learned nothing about the input")
+        rows.append((
+            "gate lift",
+            f"{100 * out['gate_lift']:+.1f} pts over the static oracle ({_pct(out['static_oracle_accuracy'])}; "
+            f"labels vary for {_pct(out['label_varying_fraction'])} of filters): {verdict}",
+        ))
     return rows
 
 
 def run(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
-    model, ckpt = load_trained(args.checkpoint)
+    model, ckpt = load_trained_model(args.checkpoint, args)
     dataset = args.dataset or ckpt.dataset or "digits"
     image_size = None
     size = ckpt.input_size

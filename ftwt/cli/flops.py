@@ -6,7 +6,7 @@ import argparse
 
 import torch
 
-from ftwt.cli._common import add_json_arg, default_input_size, print_json, print_table
+from ftwt.cli._common import add_json_arg, add_shortcut_arg, default_input_size, model_kwargs, print_json, print_table
 from ftwt.flops import measure
 from ftwt.train import load_model
 
@@ -17,13 +17,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--num-classes", type=int, default=None, help="default: 1000 for torchvision models, else 10")
     p.add_argument("--input-size", type=int, nargs=3, metavar=("C", "H", "W"), default=None)
     p.add_argument("--per-layer", action="store_true", help="include each layer's MACs")
+    add_shortcut_arg(p)
     add_json_arg(p)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     num_classes = args.num_classes or (1000 if args.model.startswith("torchvision:") else 10)
-    model = load_model(args.model, num_classes)
+    model = load_model(args.model, num_classes, **model_kwargs(args))
     size = tuple(args.input_size) if args.input_size else default_input_size(args.model)
     # Ones, not zeros: a zero input would count its input channels as inactive.
     report = measure(model, [torch.ones(1, *size)])

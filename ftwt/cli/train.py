@@ -13,7 +13,7 @@ import argparse
 from dataclasses import fields
 from typing import Any
 
-from ftwt.cli._common import print_json, print_table
+from ftwt.cli._common import add_shortcut_arg, print_json, print_table
 from ftwt.errors import ConfigError
 from ftwt.train import TrainConfig, Trainer, list_recipes, load_recipe
 
@@ -33,6 +33,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--model", help="registry name or torchvision:NAME (default resnet56)")
     g.add_argument("--num-classes", dest="num_classes", type=int, help="classifier outputs (default: the data's)")
     g.add_argument("--init", metavar="CKPT", help="dense checkpoint to start from (FTWT fine-tunes a trained model)")
+    add_shortcut_arg(g)
 
     g = p.add_argument_group("data")
     g.add_argument("--dataset", help="digits (embedded, default), cifar10, cifar100 or folder")

@@ -2,11 +2,12 @@
 
 An op can take a :class:`~ftwt.engine._compact.Compact` value as is when it acts on each
 channel alone and maps an all-zero channel to an all-zero channel: zero-preserving
-activations, pooling, dropout in eval mode. Everything else sees full-width tensors.
+activations, pooling, spatial slicing (``x[:, :, ::2, ::2]``), dropout in eval mode. Everything else sees full-width tensors.
 """
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Callable
 from functools import partial
 from typing import Any
@@ -71,6 +72,8 @@ def channelwise(node: torch.fx.Node, modules: dict[str, nn.Module]) -> tuple[Cal
             params = {**dict(zip(names[: len(args) - 1], args[1:], strict=True)), **kwargs}
             return _max_pool(args[0] if args else kwargs["kernel_size"], **params), None
         return _bind(target, args, kwargs), None
+    if node.op == "call_function" and target is operator.getitem and _spatial_slice(args):
+        return _bind(operator.getitem, args, kwargs), None
     if node.op == "call_function" and target is F.dropout and kwargs.get("training", True) is False:
         return _identity, None
     if node.op == "call_method" and target == "tanh" and not args and not kwargs:
@@ -108,6 +111,13 @@ def _identity(t: torch.Tensor) -> torch.Tensor:
 def _bind(fn: Callable, args: tuple, kwargs: dict) -> Callable[[torch.Tensor], torch.Tensor]:
     """``t -> fn(t, *args, **kwargs)``."""
     return lambda t: fn(t, *args, **kwargs)
+
+
+def _spatial_slice(args: tuple) -> bool:
+    """``[:, :, ...]``: slices of the spatial dimensions only, which act on each channel alone."""
+    index = args[0] if len(args) == 1 else None
+    return (isinstance(index, tuple) and 2 < len(index) <= 4 and all(isinstance(i, slice) for i in index)
+            and index[0] == index[1] == slice(None))
 
 
 def _hardtanh_keeps_zero(args: tuple, kwargs: dict) -> bool:

@@ -12,6 +12,7 @@ from ftwt.models.mobilenet_cifar import (
     mobilenet_v2_cifar,
 )
 from ftwt.models.resnet_cifar import (
+    SHORTCUTS,
     BasicBlock,
     OptionAShortcut,
     ResNetCifar,
@@ -24,6 +25,7 @@ from ftwt.models.resnet_cifar import (
 from ftwt.models.vgg_cifar import VGGCifar, vgg11_bn, vgg13_bn, vgg16_bn, vgg19_bn
 
 __all__ = [
+    "SHORTCUTS",
     "BasicBlock",
     "MobileNetV1Cifar",
     "MobileNetV2Cifar",

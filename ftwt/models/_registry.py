@@ -7,7 +7,7 @@ from typing import Any, TypeVar
 
 from torch import nn
 
-from ftwt.errors import ModelNotFoundError
+from ftwt.errors import ConfigError, ModelNotFoundError
 
 _MODELS: dict[str, Callable[..., nn.Module]] = {}
 _TORCHVISION_PREFIX = "torchvision:"
@@ -59,6 +59,7 @@ def get_model(name: str, **kwargs: Any) -> nn.Module:
 
     Raises:
         ModelNotFoundError: If no builder matches ``name``.
+        ConfigError: If the builder takes no argument of one of those names (``shortcut`` for a VGG).
     """
     if name.startswith(_TORCHVISION_PREFIX):
         return _get_torchvision_model(name[len(_TORCHVISION_PREFIX) :], **kwargs)
@@ -69,7 +70,13 @@ def get_model(name: str, **kwargs: Any) -> nn.Module:
             f"unknown model {name!r}; available: {', '.join(list_models())} "
             f"(or {_TORCHVISION_PREFIX}<name> for torchvision models)"
         ) from None
-    return builder(**kwargs)
+    try:
+        return builder(**kwargs)
+    except TypeError as exc:
+        if "unexpected keyword argument" not in str(exc):
+            raise
+        arg = str(exc).rpartition("keyword argument ")[2]
+        raise ConfigError(f"model {name!r} takes no argument {arg}") from None
 
 
 def _get_torchvision_model(name: str, **kwargs: Any) -> nn.Module:

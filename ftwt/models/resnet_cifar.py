@@ -5,10 +5,16 @@ a 3x3 stem with 16 channels, then three stages of ``n`` basic blocks with 16, 32
 channels, global average pooling and a linear classifier (depth ``6n + 2``).
 
 The state_dict layout (``conv1``, ``bn1``, ``layer1..3``, ``fc``, no shortcut parameters)
-matches the widely shared CIFAR ResNet checkpoints, except that some of them name the
-classifier ``linear`` instead of ``fc``. Those checkpoints subsample the shortcut with
-``x[:, :, ::2, ::2]`` whereas this module average-pools, so loaded weights give slightly
-different activations at the two stage transitions.
+matches the widely shared CIFAR ResNet checkpoints (some name the classifier ``linear``
+instead of ``fc``) and the FTWT reference code's. The layouts differ only in the
+parameter-free shortcut, so a checkpoint loads with ``strict=True`` into any of them and
+only the right one gives its accuracy; choose it with ``shortcut=`` (:data:`SHORTCUTS`):
+
+- ``"reference"``: the FTWT reference code's, 2x2 average pooling, then the zero channels
+  appended after the identity channels (``torch.cat([pooled, zeros], 1)``);
+- ``"subsample"``: the widely shared checkpoints', ``x[:, :, ::2, ::2]``, zeros on both sides;
+- ``"avgpool"``: 2x2 average pooling, zeros on both sides (the default: what ftwt built
+  before the choice existed, so older checkpoints load as they were trained).
 """
 
 from __future__ import annotations
@@ -21,10 +27,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ftwt.channel_scatter import ChannelScatter, register_static_adapter
+from ftwt.errors import ConfigError
 from ftwt.models._registry import register_model
 
 __all__ = [
     "BasicBlock",
+    "SHORTCUTS",
     "OptionAShortcut",
     "ResNetCifar",
     "resnet20",
@@ -36,39 +44,54 @@ __all__ = [
 
 NormLayer = Callable[[int], nn.Module]
 
+# Option-A layouts of the checkpoints in circulation; see the module docstring.
+SHORTCUTS = ("reference", "subsample", "avgpool")
+
+
+def check_shortcut(shortcut: str) -> str:
+    """``shortcut`` if it is one of :data:`SHORTCUTS`, else :class:`ConfigError`."""
+    if shortcut not in SHORTCUTS:
+        raise ConfigError(f"unknown shortcut {shortcut!r}; choose one of: {', '.join(SHORTCUTS)}")
+    return shortcut
+
 
 class OptionAShortcut(nn.Module):
-    """Parameter-free shortcut: 2x2 average pooling, then zero channels on both sides.
+    """Parameter-free shortcut: downsample, then add zero channels (where: ``shortcut``).
 
     Args:
         in_channels: Channels of the block input.
         out_channels: Channels of the block output; the difference is zero-padded.
         stride: Spatial downsampling factor, 1 or 2.
+        shortcut: The layout, one of :data:`SHORTCUTS`.
     """
 
-    def __init__(self, in_channels: int, out_channels: int, stride: int) -> None:
+    def __init__(self, in_channels: int, out_channels: int, stride: int, shortcut: str = "avgpool") -> None:
         super().__init__()
         if out_channels < in_channels or (out_channels - in_channels) % 2:
             raise ValueError(f"option A needs an even channel increase, got {in_channels} -> {out_channels}")
         if stride not in (1, 2):
             raise ValueError(f"option A supports stride 1 or 2, got {stride}")
-        self.stride = stride
-        self.pad = (out_channels - in_channels) // 2
+        self.stride, self.layout = stride, check_shortcut(shortcut)
+        extra = out_channels - in_channels
+        # zero channels before and after the identity channels
+        self.before, self.after = (0, extra) if shortcut == "reference" else (extra // 2, extra // 2)
 
     def forward(self, x: Tensor) -> Tensor:
         if self.stride != 1:
-            x = F.avg_pool2d(x, self.stride)
-        # F.pad keeps the autograd graph, so the stage input receives gradient through here.
-        return F.pad(x, (0, 0, 0, 0, self.pad, self.pad))
+            x = x[:, :, :: self.stride, :: self.stride] if self.layout == "subsample" else F.avg_pool2d(x, self.stride)
+        # F.pad keeps the autograd graph, so the stage input receives gradient through here; for
+        # "reference" it equals torch.cat([x, zeros], 1), in a form the sparse engine keeps compact.
+        return F.pad(x, (0, 0, 0, 0, self.before, self.after))
 
     def extra_repr(self) -> str:
-        return f"stride={self.stride}, pad={self.pad}"
+        return f"stride={self.stride}, shortcut={self.layout}, zeros=({self.before}, {self.after})"
 
 
 @register_static_adapter(OptionAShortcut)
 def _option_a_scatter(shortcut: OptionAShortcut, in_channels: int) -> ChannelScatter:
     """Static pruning cuts the shortcut's input and output channels apart: a channel scatter."""
-    return ChannelScatter.padded(in_channels, shortcut.pad, shortcut.pad, shortcut.stride)
+    return ChannelScatter.padded(in_channels, shortcut.before, shortcut.after, shortcut.stride,
+                                 subsample=shortcut.layout == "subsample")
 
 
 class BasicBlock(nn.Module):
@@ -81,6 +104,7 @@ class BasicBlock(nn.Module):
         out_channels: Output channels.
         stride: Stride of the first convolution.
         norm_layer: Normalisation layer constructor taking the channel count.
+        shortcut: The option-A layout, one of :data:`SHORTCUTS`.
     """
 
     expansion = 1
@@ -91,6 +115,7 @@ class BasicBlock(nn.Module):
         out_channels: int,
         stride: int = 1,
         norm_layer: NormLayer | None = None,
+        shortcut: str = "avgpool",
     ) -> None:
         super().__init__()
         norm_layer = norm_layer or nn.BatchNorm2d
@@ -102,7 +127,7 @@ class BasicBlock(nn.Module):
         self.relu2 = nn.ReLU()
         self.shortcut: nn.Module
         if stride != 1 or in_channels != out_channels:
-            self.shortcut = OptionAShortcut(in_channels, out_channels, stride)
+            self.shortcut = OptionAShortcut(in_channels, out_channels, stride, shortcut)
         else:
             self.shortcut = nn.Identity()
 
@@ -119,6 +144,8 @@ class ResNetCifar(nn.Module):
         blocks_per_stage: Number of basic blocks in each of the three stages.
         num_classes: Output classes.
         norm_layer: Normalisation layer constructor taking the channel count.
+        shortcut: The option-A layout of the stage transitions, one of :data:`SHORTCUTS`;
+            pick the one the weights to load were trained with.
     """
 
     def __init__(
@@ -126,9 +153,11 @@ class ResNetCifar(nn.Module):
         blocks_per_stage: tuple[int, int, int],
         num_classes: int = 10,
         norm_layer: NormLayer | None = None,
+        shortcut: str = "avgpool",
     ) -> None:
         super().__init__()
         norm_layer = norm_layer or nn.BatchNorm2d
+        self.layout = check_shortcut(shortcut)
         self.conv1 = nn.Conv2d(3, 16, 3, 1, 1, bias=False)
         self.bn1 = norm_layer(16)
         self.relu = nn.ReLU()
@@ -143,7 +172,7 @@ class ResNetCifar(nn.Module):
     def _make_layer(self, channels: int, num_blocks: int, stride: int, norm_layer: NormLayer) -> nn.Sequential:
         layers = []
         for i in range(num_blocks):
-            layers.append(BasicBlock(self._in_channels, channels, stride if i == 0 else 1, norm_layer))
+            layers.append(BasicBlock(self._in_channels, channels, stride if i == 0 else 1, norm_layer, self.layout))
             self._in_channels = channels
         return nn.Sequential(*layers)
 
@@ -174,10 +203,13 @@ def resnet20(num_classes: int = 10, **kwargs: Any) -> ResNetCifar:
 
     Args:
         num_classes: Output classes.
-        **kwargs: Forwarded to :class:`ResNetCifar`, e.g. ``norm_layer``.
+        **kwargs: Forwarded to :class:`ResNetCifar`, e.g. ``norm_layer`` or ``shortcut``.
 
     Returns:
         The randomly initialised model.
+
+    Example:
+        >>> model = resnet20(shortcut="reference")  # to load the FTWT reference code's weights
     """
     return _resnet(20, num_classes, **kwargs)
 

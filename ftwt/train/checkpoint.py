@@ -49,6 +49,8 @@ class Checkpoint:
         estimated_reduction: FLOPs reduction estimated before training (FTWT runs).
         calibrated_decisions: the calibrated decision thresholds, once set.
         config: the resolved :class:`~ftwt.train.TrainConfig` as a dict.
+        model_kwargs: builder arguments besides ``num_classes``, e.g. ``{"shortcut": "reference"}``;
+            empty in checkpoints written before they were recorded (the builders' defaults).
     """
 
     model_name: str
@@ -68,6 +70,7 @@ class Checkpoint:
     estimated_reduction: float | None = None
     calibrated_decisions: list[float] | None = None
     config: dict[str, Any] | None = None
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
 
     @property
     def gated(self) -> bool:
@@ -107,7 +110,7 @@ class Checkpoint:
 
     def build_model(self) -> nn.Module:
         """The model this checkpoint holds, with its weights (and gates, for FTWT runs)."""
-        model = get_model(self.model_name, num_classes=int(self.num_classes))
+        model = get_model(self.model_name, num_classes=int(self.num_classes), **(self.model_kwargs or {}))
         if self.gate_config:
             attach_gates(model, GateConfig.from_dict(self.gate_config))
         load_state_dict_into(model, self.model, strict=True)
@@ -128,9 +131,12 @@ def load_trained(path: str | os.PathLike) -> tuple[nn.Module, Checkpoint]:
     return ckpt.build_model(), ckpt
 
 
-def load_model(name: str, num_classes: int, init: str | os.PathLike | None = None) -> nn.Module:
-    """A registry or torchvision model, with dense weights from ``init`` (any checkpoint or state dict) if given."""
-    model = get_model(name, num_classes=num_classes)
+def load_model(name: str, num_classes: int, init: str | os.PathLike | None = None, **model_kwargs: Any) -> nn.Module:
+    """A registry or torchvision model, with dense weights from ``init`` (any checkpoint or state dict) if given.
+
+    ``model_kwargs`` go to the builder, e.g. ``shortcut="reference"`` for a CIFAR ResNet.
+    """
+    model = get_model(name, num_classes=num_classes, **model_kwargs)
     if init is not None:
         if not Path(init).is_file():
             raise ConfigError(f"checkpoint not found: {init}")

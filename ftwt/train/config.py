@@ -14,6 +14,7 @@ from ftwt._config import config_from_dict
 from ftwt.data import DATASETS, DataConfig
 from ftwt.errors import ConfigError
 from ftwt.gate import GateConfig
+from ftwt.models.resnet_cifar import check_shortcut
 
 SCHEDULES = ("step", "cosine")
 
@@ -30,6 +31,7 @@ class TrainConfig:
     model: str = "resnet56"  # registry name or torchvision:NAME
     num_classes: int | None = None  # None: the dataset's number of classes
     init: str | None = None  # dense checkpoint to start from; FTWT fine-tunes a trained dense model
+    shortcut: str | None = None  # CIFAR ResNets' option-A layout: reference, subsample or avgpool; None: the model's (avgpool)
     # data
     dataset: str = "digits"  # digits (embedded), cifar10, cifar100 or folder
     data_dir: str | None = None  # dataset root (CIFAR files or train/ and val/ class folders)
@@ -91,6 +93,8 @@ class TrainConfig:
             raise ConfigError(f"workers must be >= 0, got {self.workers}")
         if self.dataset not in DATASETS:
             raise ConfigError(f"unknown dataset {self.dataset!r}; choose one of: {', '.join(DATASETS)}")
+        if self.shortcut is not None:
+            check_shortcut(self.shortcut)
 
     def _check_gates(self) -> None:
         _positive(self, "gate_pool")
@@ -122,6 +126,10 @@ class TrainConfig:
     def gate_config(self) -> GateConfig | None:
         """The :class:`GateConfig` of this run (None for a dense run)."""
         return None if self.dense else self._gates(self.threshold)
+
+    def model_kwargs(self) -> dict[str, Any]:
+        """Builder arguments besides ``num_classes`` (what checkpoints record to rebuild the model)."""
+        return {"shortcut": self.shortcut} if self.shortcut is not None else {}
 
     def data_config(self) -> DataConfig:
         return DataConfig(dataset=self.dataset, data_dir=self.data_dir, batch_size=self.batch_size,

@@ -269,6 +269,7 @@ class Trainer:
             optimizers=[o.state_dict() for o in self.optimizers], schedulers=[plain_state(s) for s in self.schedulers],
             scaler=self.scaler.state_dict(), rng=rng_state(), best_top1=self.best_top1,
             estimated_reduction=self.estimated, calibrated_decisions=self.calibrated, config=self.config.to_dict(),
+            model_kwargs=self.config.model_kwargs(),
         )
 
     def save_position(self, epoch: int, step: int, sums: torch.Tensor) -> None:
@@ -354,7 +355,7 @@ def _check_input(model: nn.Module, input_size: Sequence[int], name: str, device:
 
 
 def _build_model(cfg: TrainConfig, load_init: bool, sync_bn: bool, warn: bool) -> nn.Module:
-    model = load_model(cfg.model, cfg.num_classes, cfg.init if load_init else None)
+    model = load_model(cfg.model, cfg.num_classes, cfg.init if load_init else None, **cfg.model_kwargs())
     if cfg.init is None and not cfg.dense and load_init and warn:
         log.warning("FTWT without --init: gates learn from an untrained backbone; train a dense model first")
     if sync_bn:
