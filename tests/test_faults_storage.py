@@ -118,3 +118,14 @@ def test_output_folder_that_vanishes_mid_run(tmp_path):
     assert "vanished or was replaced" in last and "Traceback" not in err, err
     assert not out.exists()  # not silently recreated with half a run in it
     assert load_trained(moved / "last.pt")[1].epoch == 1
+
+
+def test_any_os_error_is_one_line(capsys, monkeypatch):
+    from ftwt.cli import train
+
+    def denied(args):
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), "/data/imagenet/train")
+
+    monkeypatch.setattr(train, "run", denied)
+    assert main(["train"]) == 2
+    assert capsys.readouterr().err == "ftwt train: error: Permission denied: /data/imagenet/train\n"
