@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -90,8 +91,9 @@ def run_epoch(trainer: Any, epoch: int, train_gates: bool, start: Position | Non
                     loss = ce + cfg.lam * ml
             if not _finite(loss, trainer.procs.world):
                 if not cfg.skip_nonfinite:
-                    raise NonFiniteLossError(_diverged(trainer, f"loss is {loss.item()} at epoch {epoch + 1}, "
-                                                                f"step {step + 1}"))
+                    value = loss.item()
+                    what = f"loss is {value}" if not math.isfinite(value) else "another process's loss is not finite"
+                    raise NonFiniteLossError(_diverged(trainer, f"{what} at epoch {epoch + 1}, step {step + 1}"))
                 sums[7] += 1
                 _after_step(trainer, epoch, step, steps, sums, flops_before, meter)
                 continue
