@@ -40,6 +40,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO[Any]], None], *, b
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0600 would outlive the rename; honour the umask as open() does
         with os.fdopen(fd, "wb" if binary else "w") as f:
             if _faults.armed(f"write:{path.name}"):
                 _write_with_pause(f, write, binary, f"write:{path.name}")
@@ -61,6 +62,12 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO[Any]], None], *, b
     if durable:
         _fsync_dir(path.parent)
     return path
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)  # reading the umask means setting it; put it straight back
+    os.umask(mask)
+    return mask
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:

@@ -7,12 +7,14 @@ files) raises :class:`~ftwt.errors.DataError` with one line saying what is wrong
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, Subset
 
 from ftwt.errors import ConfigError, DataError
@@ -231,6 +233,25 @@ def _first(ds: Dataset, n: int | None) -> Dataset:
     if n is None or n >= len(ds):
         return ds
     return Subset(ds, range(n))
+
+
+def input_size_for(model: nn.Module, sizes: Sequence[int] = (16, 32, 64, 224)) -> int | None:
+    """The smallest of ``sizes`` (square, 3 channels) that ``model`` takes, or None if it takes none.
+
+    The embedded digits are 16x16; VGG's five poolings need 32.
+    """
+    was_training = model.training
+    try:
+        for size in sizes:
+            try:
+                with torch.no_grad():
+                    model.eval()(torch.zeros(1, 3, size, size))
+            except RuntimeError:
+                continue
+            return size
+        return None
+    finally:
+        model.train(was_training)
 
 
 def build_datasets(cfg: DataConfig) -> tuple[Dataset, Dataset, DatasetInfo]:

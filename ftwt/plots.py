@@ -130,4 +130,37 @@ def plot_per_layer(report: dict[str, Any], path: str | os.PathLike) -> Path:
     return _save(fig, path)
 
 
-__all__ = ["plot_accuracy_vs_flops", "plot_per_layer"]
+def plot_training(metrics: Sequence[dict[str, Any]], path: str | os.PathLike) -> Path:
+    """Loss, top-1 and FLOPs reduction per epoch, training and validation (a run's ``training.png``).
+
+    Args:
+        metrics: the lines of a run's ``metrics.jsonl``: ``epoch``, ``loss``, ``top1``,
+            ``flops_reduction`` and their ``val_`` twins (missing or None values are left out).
+        path: image file to write.
+
+    Returns:
+        ``path``.
+
+    Example:
+        >>> plot_training([{"epoch": 1, "loss": 2.1, "top1": 30.0, "val_top1": 35.0}], "training.png")
+    """
+    if not metrics:
+        raise ConfigError("no epochs to plot")
+    fig = _figure(12.0, 3.6)
+    panels = [("loss", "loss", 1.0), ("top1", "top-1 accuracy (%)", 1.0), ("flops_reduction", "FLOPs reduction (%)", 100.0)]
+    for i, (key, label, scale) in enumerate(panels):
+        ax = fig.add_subplot(1, 3, i + 1)
+        for name, legend, colour in ((key, "training", "tab:blue"), (f"val_{key}", "validation", "tab:orange")):
+            points = [(m["epoch"], scale * m[name]) for m in metrics if m.get(name) is not None]
+            if points:
+                ax.plot(*zip(*points, strict=True), marker="o", markersize=3, label=legend, color=colour)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+        if ax.lines:
+            ax.legend(fontsize=8)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+__all__ = ["plot_accuracy_vs_flops", "plot_per_layer", "plot_training"]

@@ -310,8 +310,10 @@ def test_cli_eval_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> No
     out = json.loads(capsys.readouterr().out)
     assert BASE_KEYS | GATED_KEYS <= set(out)
     assert (out["model"], out["dataset"], out["samples"]) == ("resnet20", "digits", 16)
-    assert json.loads((tmp_path / "run" / "report.json").read_text())["samples"] == 16
-    assert (tmp_path / "run" / "per_layer.png").is_file()
+    # its own folder: a training run's report.json and per_layer.png next to the checkpoint stay
+    assert json.loads((tmp_path / "run" / "eval_last" / "report.json").read_text())["samples"] == 16
+    assert (tmp_path / "run" / "eval_last" / "per_layer.png").is_file()
+    assert not (tmp_path / "run" / "report.json").exists()
     assert all(math.isfinite(out[k]) for k in ("top1", "flops_reduction", "varying_fraction"))
 
 

@@ -17,6 +17,26 @@ from ftwt.errors import FTWTError
 # Subcommand modules under ftwt.cli, in the order ``ftwt --help`` lists them.
 COMMANDS = ("flops", "estimate", "eval", "train", "demo", "bench")
 
+# One runnable example per subcommand, shown at the end of its --help.
+EXAMPLES = {
+    "flops": "ftwt flops --model resnet56 --per-layer",
+    "estimate": "ftwt estimate --model resnet20 --mass 0.9 --samples 64",
+    "eval": "ftwt eval --checkpoint runs/train/best.pt",
+    "train": "ftwt train --model resnet20 --epochs 2 --train-subset 256 --out runs/quick",
+    "demo": "ftwt demo --out runs/demo",
+    "bench": "ftwt bench --model resnet20 --mass 0.8 --samples 8",
+}
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Module docstrings as descriptions, without their reST markup (double backticks)."""
+
+    def _format_text(self, text: str) -> str:
+        return super()._format_text(text.replace("``", ""))
+
+    def _expand_help(self, action: argparse.Action) -> str:
+        return super()._expand_help(action).replace("``", "")
+
 
 def build_parser() -> argparse.ArgumentParser:
     from ftwt import __version__
@@ -28,6 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in COMMANDS:
         importlib.import_module(f"ftwt.cli.{name}").add_parser(sub)
+    for name, command in sub.choices.items():
+        command.formatter_class = _HelpFormatter
+        command.epilog = f"example:\n  {EXAMPLES[name]}"
     return parser
 
 

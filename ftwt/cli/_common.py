@@ -85,6 +85,12 @@ def unit_interval(text: str) -> float:
     return value
 
 
+def first_line(exc: BaseException) -> str:
+    """The first line of an error's message (PyTorch's shape errors run to many)."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 def print_json(obj: Any) -> None:
     json.dump(obj, sys.stdout, indent=2, default=float)
     sys.stdout.write("\n")

@@ -31,7 +31,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("estimate", help="FLOPs reduction of a threshold, before training", description=__doc__)
     add_model_args(p)
     goal = p.add_mutually_exclusive_group(required=True)
-    goal.add_argument("--mass", type=unit_interval, help="mass threshold r in (0, 1]")
+    goal.add_argument("--mass", "--threshold", dest="mass", type=unit_interval, help="mass threshold r in (0, 1]")
     goal.add_argument("--target-reduction", type=float, help="find the r that gives this FLOPs reduction (0..1)")
     add_data_args(p)
     p.add_argument("--samples", type=positive(int), default=256, help="training samples to estimate on")

@@ -1,8 +1,8 @@
 """``ftwt eval``: accuracy, honest FLOPs and gate statistics of a trained checkpoint.
 
-Evaluates on the checkpoint's dataset (validation split) unless ``--dataset`` says
-otherwise, and writes ``report.json`` and ``per_layer.png`` next to the checkpoint (or into
-``--out``).
+Evaluates on the checkpoint's dataset (validation split) unless --dataset says otherwise,
+and writes report.json and per_layer.png into --out, by default a folder eval_NAME next to
+the checkpoint NAME.pt (the training run's own report stays as it is).
 """
 
 from __future__ import annotations
@@ -32,7 +32,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     group.add_argument("--max-batches", type=positive(int), default=None, help="evaluate at most N batches")
     p.add_argument("--device", default="auto")
     add_shortcut_arg(p, "the checkpoint's (avgpool for checkpoints that do not say)")
-    p.add_argument("--out", default=None, help="folder for report.json and per_layer.png (default: the checkpoint's)")
+    p.add_argument("--out", default=None,
+                   help="folder for report.json and per_layer.png (default: eval_NAME next to the checkpoint NAME.pt)")
     add_json_arg(p)
     p.set_defaults(func=run)
 
@@ -99,7 +100,8 @@ def run(args: argparse.Namespace) -> int:
     loader = DataLoader(val, batch_size=args.batch_size, shuffle=False, num_workers=args.workers)
     report = evaluate(model.to(device), loader, device, max_batches=args.max_batches)
     out = {"checkpoint": str(args.checkpoint), "model": ckpt.model_name, "dataset": info.name, **report}
-    out_dir = Path(args.out) if args.out else Path(args.checkpoint).resolve().parent
+    ckpt_path = Path(args.checkpoint).resolve()
+    out_dir = Path(args.out) if args.out else ckpt_path.parent / f"eval_{ckpt_path.stem}"
     written = write_report(out, out_dir)
     if args.json:
         print_json(out)

@@ -6,7 +6,16 @@ import argparse
 
 import torch
 
-from ftwt.cli._common import add_json_arg, add_shortcut_arg, default_input_size, model_kwargs, print_json, print_table
+from ftwt.cli._common import (
+    add_json_arg,
+    add_shortcut_arg,
+    default_input_size,
+    first_line,
+    model_kwargs,
+    print_json,
+    print_table,
+)
+from ftwt.errors import ConfigError
 from ftwt.flops import measure
 from ftwt.train import load_model
 
@@ -27,7 +36,11 @@ def run(args: argparse.Namespace) -> int:
     model = load_model(args.model, num_classes, **model_kwargs(args))
     size = tuple(args.input_size) if args.input_size else default_input_size(args.model)
     # Ones, not zeros: a zero input would count its input channels as inactive.
-    report = measure(model, [torch.ones(1, *size)])
+    try:
+        report = measure(model, [torch.ones(1, *size)])
+    except RuntimeError as exc:
+        raise ConfigError(f"{args.model} cannot take {'x'.join(map(str, size))} inputs ({first_line(exc)}); "
+                          "choose another --input-size") from None
     out = {
         "model": args.model,
         "input_size": list(size),
@@ -45,4 +58,14 @@ def run(args: argparse.Namespace) -> int:
             ("dense MACs", f"{out['dense_macs'] / 1e6:.2f}M"),
             ("params", f"{out['params'] / 1e6:.2f}M"),
         ])
+        if args.per_layer:
+            print()
+            _print_layers(out["per_layer"], out["dense_macs"])
     return 0
+
+
+def _print_layers(layers: list[dict], total: int) -> None:
+    width = max([len("layer")] + [len(lay["name"]) for lay in layers])
+    print(f"{'layer':<{width}}  {'kind':<10}  {'MACs':>10}  {'share':>6}")
+    for lay in layers:
+        print(f"{lay['name']:<{width}}  {lay['kind']:<10}  {lay['macs'] / 1e6:>9.3f}M  {lay['macs'] / max(total, 1):>6.1%}")

@@ -16,6 +16,7 @@ from typing import Any
 from ftwt.cli._common import add_shortcut_arg, print_json, print_table
 from ftwt.errors import ConfigError
 from ftwt.train import TrainConfig, Trainer, list_recipes, load_recipe
+from ftwt.train.loggers import LOGGERS, make_logger
 
 _KEYS = {f.name for f in fields(TrainConfig)}
 _BOOL = argparse.BooleanOptionalAction
@@ -89,6 +90,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--device", help="auto (default), cpu, cuda or cuda:N")
     g.add_argument("--progress", action=_BOOL, help="progress bar (default on)")
     g.add_argument("--json", action="store_true", default=False, help="print the final report as JSON")
+    g.add_argument("--logger", choices=LOGGERS, default=None,
+                   help="also log each epoch to OUT/metrics.csv or TensorBoard (OUT/tensorboard, if installed)")
     p.set_defaults(func=run)
 
 
@@ -107,10 +110,12 @@ def _pct(value: float | None) -> str:
 def run(args: argparse.Namespace) -> int:
     flags = {k: v for k, v in vars(args).items() if k in _KEYS}
     settings = {**(_recipe(args.config) if args.config else {}), **flags}
+    # made first: a missing TensorBoard stops before any training
+    callbacks = [make_logger(args.logger)] if args.logger else []
     if args.resume:
-        trainer = Trainer.resume(args.resume, settings)
+        trainer = Trainer.resume(args.resume, settings, callbacks)
     else:
-        trainer = Trainer(TrainConfig.from_dict(settings))
+        trainer = Trainer(TrainConfig.from_dict(settings), callbacks)
     report = trainer.fit()
     if not trainer.is_main:
         return 0

@@ -44,10 +44,12 @@ from ftwt import _faults
 from ftwt._io import FolderLock, append_text, atomic_write_text, check_writable
 from ftwt.calibrate import calibrate_decisions
 from ftwt.checkpoint import load_state_dict_into
-from ftwt.data import build_datasets
+from ftwt.data import build_datasets, input_size_for
 from ftwt.errors import CheckpointError, ConfigError, NonFiniteLossError, OutputError
 from ftwt.estimate import estimate
 from ftwt.evaluate import evaluate
+from ftwt.models import get_model
+from ftwt.plots import plot_training
 from ftwt.report import write_report
 from ftwt.surgery import attach_gates, gate_parameters
 from ftwt.train._epoch import Position, TrainStep, run_epoch
@@ -87,6 +89,8 @@ class Trainer:
         if cfg.sync_bn and self.procs.world > 1 and self.device.type != "cuda":
             raise ConfigError("sync_bn needs CUDA")
         seed_everything(cfg.seed)
+        if cfg.dataset == "digits" and cfg.image_size is None:  # 16x16: resized for models that need more, as bench does
+            cfg = replace(cfg, image_size=input_size_for(get_model(cfg.model, num_classes=10, **cfg.model_kwargs())))
         self.train_set, val_set, self.info = build_datasets(cfg.data_config())
         self.loaders = Loaders(self.train_set, val_set, cfg.data_config(), cfg.seed, self.procs, self.device)
         self.config = cfg = replace(cfg, num_classes=cfg.num_classes or self.info.num_classes)
@@ -251,6 +255,7 @@ class Trainer:
         }
         if self.is_main:
             write_report(report, self.out)
+            _plot_curves(self.out)
         return report
 
     # State -----------------------------------------------------------------------------------
@@ -330,6 +335,14 @@ def _start_files(out: Path, cfg: TrainConfig, start_epoch: int) -> None:
     elif path.exists():
         keep = [ln for ln in path.read_text().splitlines() if (e := _epoch_of(ln)) is not None and e <= start_epoch]
         atomic_write_text(path, "".join(ln + "\n" for ln in keep))
+
+
+def _plot_curves(out: Path) -> None:
+    """``training.png``: loss, top-1 and FLOPs reduction of every epoch in ``metrics.jsonl``."""
+    path = out / "metrics.jsonl"
+    lines = [ln for ln in path.read_text().splitlines() if _epoch_of(ln) is not None] if path.exists() else []
+    if lines:
+        plot_training([json.loads(ln) for ln in lines], out / "training.png")
 
 
 def _epoch_of(line: str) -> int | None:
