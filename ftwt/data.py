@@ -10,6 +10,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +21,10 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, S
 from ftwt.errors import ConfigError, DataError
 
 DATASETS = ("digits", "cifar10", "cifar100", "folder")
+# Training augmentation of "folder": pad-and-crop with flip (CIFAR), random-resized crop with flip (ImageNet), none.
+AUGMENTS = ("cifar", "imagenet", "none")
+_SMALL_IMAGES = 64  # folders of images up to this side get CIFAR-style defaults
+_STATS_SAMPLES = 256  # training images the folder's mean/std are computed from
 
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
@@ -40,7 +45,10 @@ class DataConfig:
     data_dir: str | None = None  # dataset root; CIFAR defaults to ./data, "folder" requires it
     batch_size: int = 128  # samples per batch on each process
     workers: int = 2  # DataLoader worker processes; 0 loads in the main process
-    image_size: int | None = None  # None = dataset default (digits 16, CIFAR 32, folder 224)
+    image_size: int | None = None  # None = dataset default (digits 16, CIFAR 32, folder: its images' side if small, else 224)
+    augment: str | None = None  # folder only: cifar, imagenet or none; None: cifar for small images (<= 64 px), else imagenet
+    mean: list[float] | None = None  # folder only: per-channel mean; None: computed from (a sample of) the training folder
+    std: list[float] | None = None  # folder only: per-channel std; None: computed with the mean
     download: bool = False  # allow torchvision to fetch CIFAR when it is not on disk
     train_subset: int | None = None  # keep only the first N training samples (quick runs)
     val_subset: int | None = None  # keep only the first N validation samples (quick runs)
@@ -56,6 +64,7 @@ class DatasetInfo:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     classes: tuple[str, ...] = ()
+    augment: str | None = None  # the training augmentation used ("folder": as chosen or defaulted)
 
 
 class TensorImageDataset(Dataset):
@@ -109,6 +118,12 @@ def _validate(cfg: DataConfig) -> None:
         value = getattr(cfg, name)
         if value is not None and value <= 0:
             raise ConfigError(f"{name} must be a positive integer or None, got {value}")
+    if cfg.augment is not None and cfg.augment not in AUGMENTS:
+        raise ConfigError(f"unknown augment {cfg.augment!r}; choose one of: {', '.join(AUGMENTS)}")
+    if (cfg.mean is None) != (cfg.std is None):
+        raise ConfigError("give mean and std together (or neither: computed from the training folder)")
+    if cfg.mean is not None and (len(cfg.mean) != 3 or len(cfg.std) != 3 or min(cfg.std) <= 0):
+        raise ConfigError(f"mean and std need 3 values each (RGB), std > 0; got {cfg.mean} and {cfg.std}")
 
 
 def _build_digits(cfg: DataConfig) -> tuple[Dataset, Dataset, DatasetInfo]:
@@ -188,7 +203,7 @@ def _class_dirs(split_dir: Path) -> list[str]:
 
 
 def _build_folder(cfg: DataConfig) -> tuple[Dataset, Dataset, DatasetInfo]:
-    """ImageNet-style ``data_dir/{train,val}/CLASS/*.jpg`` with the standard transforms."""
+    """``data_dir/{train,val}/CLASS/*.jpg`` with transforms that fit the images (see :class:`DataConfig`)."""
     from torchvision import datasets, transforms
 
     if cfg.data_dir is None:
@@ -211,21 +226,73 @@ def _build_folder(cfg: DataConfig) -> tuple[Dataset, Dataset, DatasetInfo]:
             f"train/ and val/ in {root} have different class folders (only in "
             f"train: {only_train[:5]}, only in val: {only_val[:5]}); make them match"
         )
-    size = cfg.image_size or 224
-    normalize = [transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
-    train_tf = transforms.Compose([transforms.RandomResizedCrop(size), transforms.RandomHorizontalFlip()] + normalize)
-    # resize to size/0.875 then centre-crop: the usual 256 -> 224 evaluation protocol
-    val_tf = transforms.Compose([transforms.Resize(int(size / 0.875)), transforms.CenterCrop(size)] + normalize)
     built = []
-    for split, tf in (("train", train_tf), ("val", val_tf)):
+    for split in ("train", "val"):
         try:
-            built.append(datasets.ImageFolder(str(root / split), transform=tf, loader=_load_image))
+            built.append(datasets.ImageFolder(str(root / split), loader=_load_image))
         except FileNotFoundError as e:
             # ImageFolder raises this for a class folder without a single image file
             raise DataError(f"{root / split}: {e}; every class folder needs at least one image") from e
     train, val = built
-    info = DatasetInfo("folder", len(train.classes), (3, size, size), IMAGENET_MEAN, IMAGENET_STD, tuple(train.classes))
+    side = _typical_side(train)
+    augment = cfg.augment or ("cifar" if side <= _SMALL_IMAGES else "imagenet")
+    size = cfg.image_size or (side if side <= _SMALL_IMAGES else 224)
+    if augment == "imagenet":
+        # resize to size/0.875 then centre-crop: the usual 256 -> 224 evaluation protocol
+        view = [transforms.Resize(int(size / 0.875)), transforms.CenterCrop(size)]
+        augmented = [transforms.RandomResizedCrop(size), transforms.RandomHorizontalFlip()]
+    else:
+        view = [transforms.Resize(size), transforms.CenterCrop(size)]
+        # CIFAR's pad-4-and-crop at 32 px, scaled to the image size
+        augmented = view + ([transforms.RandomCrop(size, padding=max(1, size // 8)), transforms.RandomHorizontalFlip()]
+                            if augment == "cifar" else [])
+    if cfg.mean is not None:
+        mean, std = tuple(cfg.mean), tuple(cfg.std)
+    else:
+        mean, std = _folder_stats(train, transforms.Compose([*view, transforms.ToTensor()]))
+    normalize = [transforms.ToTensor(), transforms.Normalize(mean, std)]
+    train.transform = transforms.Compose(augmented + normalize)
+    val.transform = transforms.Compose(view + normalize)
+    info = DatasetInfo("folder", len(train.classes), (3, size, size), mean, std, tuple(train.classes), augment)
     return train, val, info
+
+
+def _spread(n: int, k: int) -> list[int]:
+    """``k`` indices spread evenly over ``range(n)`` (all of them when ``n <= k``)."""
+    return list(range(n)) if n <= k else [i * n // k for i in range(k)]
+
+
+def _typical_side(train: Dataset) -> int:
+    """The median shorter side of a few training images (headers only, nothing decoded).
+
+    Unreadable images are left out here; reading them in training names them.
+    """
+    sides = []
+    for i in _spread(len(train.samples), 16):
+        try:
+            with Image.open(train.samples[i][0]) as im:
+                sides.append(min(im.size))
+        except (OSError, ValueError):
+            continue
+    return sorted(sides)[len(sides) // 2] if sides else 224
+
+
+def _folder_stats(train: Dataset, view: Any) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and std of up to ``_STATS_SAMPLES`` training images, as the model sees them."""
+    total, squares, count = torch.zeros(3), torch.zeros(3), 0
+    for i in _spread(len(train.samples), _STATS_SAMPLES):
+        try:
+            x = view(train.loader(train.samples[i][0]))
+        except DataError:
+            continue
+        total += x.sum(dim=(1, 2))
+        squares += (x * x).sum(dim=(1, 2))
+        count += x[0].numel()
+    if not count:
+        raise DataError("no readable image in the training folder to compute mean/std from")
+    mean = total / count
+    std = (squares / count - mean * mean).clamp_min(1e-12).sqrt()
+    return tuple(round(float(m), 4) for m in mean), tuple(round(max(float(s), 1e-3), 4) for s in std)
 
 
 def _first(ds: Dataset, n: int | None) -> Dataset:

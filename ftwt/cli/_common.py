@@ -7,6 +7,7 @@ import json
 import sys
 from typing import Any
 
+from ftwt.data import AUGMENTS
 from ftwt.models.resnet_cifar import SHORTCUTS
 
 CIFAR_INPUT = (3, 32, 32)
@@ -26,6 +27,17 @@ def add_shortcut_arg(group: argparse._ActionsContainer, default_help: str = "avg
                        help="CIFAR ResNets' option-A shortcut, as the weights were trained: reference (FTWT code: "
                             "pool, zeros after), subsample (x[:, :, ::2, ::2], zeros both sides) or avgpool "
                             f"(pool, zeros both sides); default: {default_help}")
+
+
+def add_folder_args(group: argparse._ActionsContainer) -> None:
+    """--augment, --mean and --std of the folder dataset (absent unless given)."""
+    group.add_argument("--augment", choices=AUGMENTS, default=argparse.SUPPRESS,
+                       help="folder: cifar (pad-and-crop, flip), imagenet (random-resized crop, flip) or none "
+                            "(default: cifar for images up to 64 px, else imagenet)")
+    group.add_argument("--mean", type=float, nargs=3, metavar=("R", "G", "B"), default=argparse.SUPPRESS,
+                       help="folder: per-channel mean (default: computed from the training folder)")
+    group.add_argument("--std", type=float, nargs=3, metavar=("R", "G", "B"), default=argparse.SUPPRESS,
+                       help="folder: per-channel std (with --mean)")
 
 
 def model_kwargs(args: argparse.Namespace) -> dict[str, Any]:

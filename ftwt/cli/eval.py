@@ -89,8 +89,10 @@ def run(args: argparse.Namespace) -> int:
     # The checkpoint's input size only applies to the data it was trained on.
     if size and dataset == (ckpt.dataset or "digits"):
         image_size = int(list(size)[-1])
+    # an image folder's transforms as in training (its config states size, augmentation and statistics)
+    same = {k: (ckpt.config or {}).get(k) for k in ("augment", "mean", "std")} if dataset == ckpt.dataset else {}
     cfg = DataConfig(dataset=dataset, data_dir=args.data_dir, batch_size=args.batch_size, workers=args.workers,
-                     image_size=image_size)
+                     image_size=image_size, **same)
     _, val, info = build_datasets(cfg)
     if info.num_classes != int(ckpt.num_classes):
         raise ConfigError(

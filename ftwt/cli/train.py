@@ -13,7 +13,7 @@ import argparse
 from dataclasses import fields
 from typing import Any
 
-from ftwt.cli._common import add_shortcut_arg, print_json, print_table
+from ftwt.cli._common import add_folder_args, add_shortcut_arg, print_json, print_table
 from ftwt.errors import ConfigError
 from ftwt.train import TrainConfig, Trainer, list_recipes, load_recipe
 from ftwt.train.loggers import LOGGERS, make_logger
@@ -41,6 +41,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--data-dir", dest="data_dir", help="dataset root")
     g.add_argument("--download", action=_BOOL, help="let torchvision download CIFAR")
     g.add_argument("--image-size", dest="image_size", type=int, help="input size (default: the dataset's)")
+    add_folder_args(g)
     g.add_argument("--batch-size", dest="batch_size", type=int, help="per process (default 128)")
     g.add_argument("--workers", type=int, help="DataLoader worker processes (default 2)")
     g.add_argument("--train-subset", dest="train_subset", type=int, help="first N training samples only")

@@ -36,7 +36,10 @@ class TrainConfig:
     dataset: str = "digits"  # digits (embedded), cifar10, cifar100 or folder
     data_dir: str | None = None  # dataset root (CIFAR files or train/ and val/ class folders)
     download: bool = False  # let torchvision fetch CIFAR
-    image_size: int | None = None  # None: the dataset's own (digits 16, CIFAR 32, folder 224)
+    image_size: int | None = None  # None: the dataset's own (digits 16, CIFAR 32, folder: its images' if small, else 224)
+    augment: str | None = None  # folder: cifar (pad-and-crop, flip), imagenet or none; None: from the image size
+    mean: list[float] | None = None  # folder: per-channel mean; None: computed from the training folder
+    std: list[float] | None = None  # folder: per-channel std; None: computed with the mean
     batch_size: int = 128  # per process (reference: 128 on one GPU)
     workers: int = 2  # DataLoader worker processes; 0 loads in the main process
     train_subset: int | None = None  # first N training samples only (quick runs)
@@ -134,6 +137,7 @@ class TrainConfig:
     def data_config(self) -> DataConfig:
         return DataConfig(dataset=self.dataset, data_dir=self.data_dir, batch_size=self.batch_size,
                           workers=self.workers, image_size=self.image_size, download=self.download,
+                          augment=self.augment, mean=self.mean, std=self.std,
                           train_subset=self.train_subset, val_subset=self.val_subset)
 
     def resolved(self) -> TrainConfig:

@@ -44,7 +44,7 @@ from ftwt import _faults
 from ftwt._io import FolderLock, append_text, atomic_write_text, check_writable
 from ftwt.calibrate import calibrate_decisions
 from ftwt.checkpoint import load_state_dict_into
-from ftwt.data import build_datasets, input_size_for
+from ftwt.data import DatasetInfo, build_datasets, input_size_for
 from ftwt.errors import CheckpointError, ConfigError, NonFiniteLossError, OutputError
 from ftwt.estimate import estimate
 from ftwt.evaluate import evaluate
@@ -93,7 +93,7 @@ class Trainer:
             cfg = replace(cfg, image_size=input_size_for(get_model(cfg.model, num_classes=10, **cfg.model_kwargs())))
         self.train_set, val_set, self.info = build_datasets(cfg.data_config())
         self.loaders = Loaders(self.train_set, val_set, cfg.data_config(), cfg.seed, self.procs, self.device)
-        self.config = cfg = replace(cfg, num_classes=cfg.num_classes or self.info.num_classes)
+        self.config = cfg = replace(cfg, num_classes=cfg.num_classes or self.info.num_classes, **_stated(cfg, self.info))
         self.num_classes, self.gated = cfg.num_classes, not cfg.dense
         self.model = _build_model(cfg, _state is None, cfg.sync_bn and self.procs.world > 1, self.is_main)
         self.model.to(self.device)
@@ -335,6 +335,13 @@ def _start_files(out: Path, cfg: TrainConfig, start_epoch: int) -> None:
     elif path.exists():
         keep = [ln for ln in path.read_text().splitlines() if (e := _epoch_of(ln)) is not None and e <= start_epoch]
         atomic_write_text(path, "".join(ln + "\n" for ln in keep))
+
+
+def _stated(cfg: TrainConfig, info: DatasetInfo) -> dict[str, Any]:
+    """What an image folder's defaults came to (size, augmentation, statistics), for config.yaml and resumes."""
+    if cfg.dataset != "folder":
+        return {}
+    return {"image_size": info.input_size[-1], "augment": info.augment, "mean": list(info.mean), "std": list(info.std)}
 
 
 def _plot_curves(out: Path) -> None:
