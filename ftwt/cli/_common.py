@@ -16,7 +16,7 @@ IMAGENET_INPUT = (3, 224, 224)
 
 def add_model_args(parser: argparse.ArgumentParser, required: bool = True) -> None:
     group = parser.add_argument_group("model")
-    group.add_argument("--model", required=required, help="registry name (see list_models) or torchvision:NAME")
+    group.add_argument("--model", required=required, help="registry name (see list_models), torchvision:NAME, or your own as package.module:factory")
     group.add_argument("--num-classes", type=int, default=None, help="classifier outputs (default: the data's)")
     group.add_argument("--init", metavar="CKPT", default=None, help="dense weights to start from (.pt or .safetensors)")
     add_shortcut_arg(group)
@@ -46,10 +46,12 @@ def model_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def load_trained_model(path: str, args: argparse.Namespace) -> tuple[Any, Any]:
-    """:func:`ftwt.load_trained`, with the builder arguments the flags give replacing the checkpoint's."""
+    """:func:`ftwt.load_trained`, with the builder (--model) and its arguments the flags give replacing the checkpoint's."""
     from ftwt.train import Checkpoint
 
     ckpt = Checkpoint.load(path)
+    if getattr(args, "model", None):
+        ckpt.model_name = args.model
     ckpt.model_kwargs = {**(ckpt.model_kwargs or {}), **model_kwargs(args)}
     return ckpt.build_model(), ckpt
 

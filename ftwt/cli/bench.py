@@ -41,7 +41,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="latency: dense vs masked vs sparse engine vs static", description=__doc__)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--checkpoint", help="a gated checkpoint written by ftwt train (masks from its gates)")
-    src.add_argument("--model", help="registry name or torchvision:NAME (ground-truth masks at --mass)")
+    src.add_argument("--model", help="registry name, torchvision:NAME or package.module:factory (ground-truth masks at --mass)")
     p.add_argument("--mass", "--threshold", dest="mass", type=unit_interval, default=None,
                    help="mass threshold r: ground-truth masks at r (required with --model)")
     p.add_argument("--init", metavar="CKPT", default=None, help="dense weights for --model (.pt or .safetensors)")

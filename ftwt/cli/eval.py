@@ -24,6 +24,9 @@ from ftwt.train.runtime import resolve_device
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="accuracy, FLOPs and gate statistics of a checkpoint", description=__doc__)
     p.add_argument("--checkpoint", required=True, help="a checkpoint written by ftwt train")
+    p.add_argument("--model", default=None,
+                   help="rebuild the model with this builder instead of the checkpoint's: a registry name or the "
+                        "import path of your own, package.module:factory")
     group = p.add_argument_group("data")
     group.add_argument("--dataset", default=None, help="digits, cifar10, cifar100 or folder (default: the checkpoint's)")
     group.add_argument("--data-dir", default=None, help="dataset root (CIFAR files or an ImageNet-style folder)")
@@ -83,6 +86,9 @@ def _table(out: dict[str, Any]) -> list[tuple[str, str]]:
 def run(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     model, ckpt = load_trained_model(args.checkpoint, args)
+    if ckpt.dataset == "custom" and not args.dataset:
+        raise ConfigError(f"{args.checkpoint} was trained on your own data; pass --dataset (and --data-dir) to "
+                          "evaluate on a dataset ftwt can build, or use ftwt.evaluate in Python")
     dataset = args.dataset or ckpt.dataset or "digits"
     image_size = None
     size = ckpt.input_size

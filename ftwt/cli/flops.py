@@ -22,7 +22,7 @@ from ftwt.train import load_model
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("flops", help="dense MACs and parameters of a model", description=__doc__)
-    p.add_argument("--model", required=True, help="registry name or torchvision:NAME")
+    p.add_argument("--model", required=True, help="registry name, torchvision:NAME or your own as package.module:factory")
     p.add_argument("--num-classes", type=int, default=None, help="default: 1000 for torchvision models, else 10")
     p.add_argument("--input-size", type=int, nargs=3, metavar=("C", "H", "W"), default=None)
     p.add_argument("--per-layer", action="store_true", help="include each layer's MACs")

@@ -31,7 +31,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="continue the run saved in OUT/last.pt exactly (its config is the base)")
 
     g = p.add_argument_group("model")
-    g.add_argument("--model", help="registry name or torchvision:NAME (default resnet56)")
+    g.add_argument("--model", help="registry name, torchvision:NAME or package.module:factory (default resnet56)")
     g.add_argument("--num-classes", dest="num_classes", type=int, help="classifier outputs (default: the data's)")
     g.add_argument("--init", metavar="CKPT", help="dense checkpoint to start from (FTWT fine-tunes a trained model)")
     add_shortcut_arg(g)

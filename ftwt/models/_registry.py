@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import importlib
+import inspect
+import os
+import sys
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -48,10 +52,12 @@ def list_models() -> list[str]:
 
 
 def get_model(name: str, **kwargs: Any) -> nn.Module:
-    """Build a model by registry name, or ``torchvision:NAME`` for an untrained torchvision model.
+    """Build a model by registry name, ``torchvision:NAME``, or the import path of your own builder.
 
     Args:
-        name: A name from :func:`list_models`, or ``"torchvision:<name>"``.
+        name: A name from :func:`list_models`, ``"torchvision:<name>"`` (untrained), or
+            ``"package.module:factory"``: a function or class of your project called with the
+            keyword arguments (``num_classes`` only if it takes one).
         **kwargs: Forwarded to the builder, e.g. ``num_classes``.
 
     Returns:
@@ -63,6 +69,8 @@ def get_model(name: str, **kwargs: Any) -> nn.Module:
     """
     if name.startswith(_TORCHVISION_PREFIX):
         return _get_torchvision_model(name[len(_TORCHVISION_PREFIX) :], **kwargs)
+    if ":" in name:
+        return _call_builder(name, _import_builder(name), kwargs)
     try:
         builder = _MODELS[name]
     except KeyError:
@@ -70,13 +78,51 @@ def get_model(name: str, **kwargs: Any) -> nn.Module:
             f"unknown model {name!r}; available: {', '.join(list_models())} "
             f"(or {_TORCHVISION_PREFIX}<name> for torchvision models)"
         ) from None
+    return _call_builder(name, builder, kwargs)
+
+
+def _call_builder(name: str, builder: Callable[..., nn.Module], kwargs: dict[str, Any]) -> nn.Module:
+    if "num_classes" in kwargs and not _takes(builder, "num_classes"):
+        kwargs = {k: v for k, v in kwargs.items() if k != "num_classes"}  # a builder with its head fixed
     try:
-        return builder(**kwargs)
+        model = builder(**kwargs)
     except TypeError as exc:
         if "unexpected keyword argument" not in str(exc):
             raise
         arg = str(exc).rpartition("keyword argument ")[2]
         raise ConfigError(f"model {name!r} takes no argument {arg}") from None
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"model {name!r} returned a {type(model).__name__}, not a torch.nn.Module")
+    return model
+
+
+def _takes(fn: Callable[..., Any], arg: str) -> bool:
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return True
+    return any(p.name == arg or p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
+
+
+def _import_builder(path: str) -> Callable[..., nn.Module]:
+    """``package.module:attr`` (attr may be dotted) imported; what ``--model`` takes for your own models."""
+    module_name, _, attr = path.partition(":")
+    if not module_name or not attr:
+        raise ModelNotFoundError(f"model import path {path!r} must look like package.module:factory")
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.append(os.getcwd())  # as `python -m` would: the console script does not put it there
+    try:
+        obj: Any = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ModelNotFoundError(f"cannot import {module_name!r} for model {path!r} ({exc}); "
+                                 "is its folder on PYTHONPATH (or the current folder)?") from None
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise ModelNotFoundError(f"module {module_name!r} has no {attr!r} (model {path!r})")
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise ModelNotFoundError(f"model {path!r} is not callable")
+    return obj
 
 
 def _get_torchvision_model(name: str, **kwargs: Any) -> nn.Module:

@@ -19,7 +19,7 @@ from ftwt.checkpoint import load_checkpoint, load_state_dict_into, save_checkpoi
 from ftwt.errors import CheckpointError, ConfigError
 from ftwt.gate import GateConfig
 from ftwt.models import get_model
-from ftwt.surgery import GATES_ATTR, attach_gates
+from ftwt.surgery import GATES_ATTR, attach_gates, is_gated
 
 # Keys without which a file is not a model written by ftwt train.
 _MODEL_KEYS = ("model_name", "num_classes", "model")
@@ -131,16 +131,54 @@ def load_trained(path: str | os.PathLike) -> tuple[nn.Module, Checkpoint]:
     return ckpt.build_model(), ckpt
 
 
-def load_model(name: str, num_classes: int, init: str | os.PathLike | None = None, **model_kwargs: Any) -> nn.Module:
-    """A registry or torchvision model, with dense weights from ``init`` (any checkpoint or state dict) if given.
+def load_model(name: str | os.PathLike, num_classes: int | None = None, init: str | os.PathLike | None = None, *,
+               model: nn.Module | None = None, **model_kwargs: Any) -> nn.Module:
+    """A model by name with dense weights from ``init``, or a checkpoint loaded into your own model.
 
-    ``model_kwargs`` go to the builder, e.g. ``shortcut="reference"`` for a CIFAR ResNet.
+    Two forms:
+
+    - ``load_model(name, num_classes, init=None, **model_kwargs)``: a registry, torchvision or
+      ``package.module:factory`` model, with dense weights from ``init`` (any checkpoint or
+      state dict; gates left out) if given. ``model_kwargs`` go to the builder, e.g.
+      ``shortcut="reference"`` for a CIFAR ResNet.
+    - ``load_model(checkpoint, model=MyNet())``: the checkpoint's weights (gates attached as it
+      says, for an FTWT run) loaded into ``model``, which is returned. The checkpoint may be
+      one ``ftwt train`` wrote or a plain state dict.
+
+    Example:
+        >>> net = load_model("runs/mine/best.pt", model=MyNet())
+
+    Raises:
+        CheckpointError: the checkpoint is unreadable or does not fit the model.
+        ConfigError: no such file, or a name without ``num_classes``.
     """
-    model = get_model(name, num_classes=num_classes, **model_kwargs)
+    if model is not None:
+        return _load_into(model, name)
+    if num_classes is None:
+        raise ConfigError("load_model(name, num_classes): give num_classes, or model= to load a checkpoint into it")
+    return load_dense(get_model(str(name), num_classes=num_classes, **model_kwargs), init)
+
+
+def load_dense(model: nn.Module, init: str | os.PathLike | None) -> nn.Module:
+    """``model`` with the dense weights of ``init`` (gates in it left out); unchanged when ``init`` is None."""
     if init is not None:
         if not Path(init).is_file():
             raise ConfigError(f"checkpoint not found: {init}")
         load_state_dict_into(model, load_checkpoint(init), strict=True, ignore_prefixes=(GATES_ATTR + ".",))
+    return model
+
+
+def _load_into(model: nn.Module, path: str | os.PathLike) -> nn.Module:
+    if not Path(path).is_file():
+        raise ConfigError(f"checkpoint not found: {path}")
+    data = load_checkpoint(path)
+    if not all(k in data for k in _MODEL_KEYS):  # plain weights
+        load_state_dict_into(model, data, strict=True)
+        return model
+    ckpt = Checkpoint.from_dict(data, str(path))
+    if ckpt.gate_config and not is_gated(model):
+        attach_gates(model, GateConfig.from_dict(ckpt.gate_config))
+    load_state_dict_into(model, ckpt.model, strict=True)
     return model
 
 

@@ -44,16 +44,16 @@ from ftwt import _faults
 from ftwt._io import FolderLock, append_text, atomic_write_text, check_writable
 from ftwt.calibrate import calibrate_decisions
 from ftwt.checkpoint import load_state_dict_into
-from ftwt.data import DatasetInfo, build_datasets, input_size_for
+from ftwt.data import DatasetInfo
 from ftwt.errors import CheckpointError, ConfigError, NonFiniteLossError, OutputError
 from ftwt.estimate import estimate
 from ftwt.evaluate import evaluate
-from ftwt.models import get_model
 from ftwt.plots import plot_training
 from ftwt.report import write_report
 from ftwt.surgery import attach_gates, gate_parameters
 from ftwt.train._epoch import Position, TrainStep, run_epoch
-from ftwt.train.checkpoint import Checkpoint, load_model
+from ftwt.train._user import Data, model_name, resolve_data
+from ftwt.train.checkpoint import Checkpoint, load_dense, load_model
 from ftwt.train.config import TrainConfig
 from ftwt.train.optim import build_optimizers, load_optimizer_states, plain_state
 from ftwt.train.runtime import Loaders, Processes, resolve_device, rng_state, seed_everything, set_rng_state
@@ -69,13 +69,24 @@ class Trainer:
     Args:
         config: the run.
         callbacks: called as ``callback(trainer, metrics)`` after every epoch, on every rank.
+        model: your own ``nn.Module`` instead of ``config.model`` (gates are attached to it);
+            checkpoints record its class as ``module:Class`` (or ``config.model`` if that is an
+            import path), and :func:`~ftwt.train.load_model` loads them back into it.
+        train_data: your own ``Dataset`` (or ``DataLoader``: its dataset and batch size) of
+            ``(image, class)`` pairs instead of ``config.dataset``.
+        val_data: likewise for validation; the training data if only ``train_data`` is given.
+
+    Example:
+        >>> Trainer(TrainConfig(dense=True, epochs=5, out_dir="runs/mine"), model=MyNet(),
+        ...         train_data=my_train_set, val_data=my_val_set).fit()
 
     Raises:
         FTWTError: any problem with the config, data, device or checkpoints, before a
             single file is written.
     """
 
-    def __init__(self, config: TrainConfig, callbacks: Sequence[Callback] = (), *, _state: Checkpoint | None = None,
+    def __init__(self, config: TrainConfig, callbacks: Sequence[Callback] = (), *, model: nn.Module | None = None,
+                 train_data: Data | None = None, val_data: Data | None = None, _state: Checkpoint | None = None,
                  _resume_path: str | None = None) -> None:
         cfg = config.resolved()
         self.callbacks, self.out = list(callbacks), Path(cfg.out_dir)
@@ -89,13 +100,13 @@ class Trainer:
         if cfg.sync_bn and self.procs.world > 1 and self.device.type != "cuda":
             raise ConfigError("sync_bn needs CUDA")
         seed_everything(cfg.seed)
-        if cfg.dataset == "digits" and cfg.image_size is None:  # 16x16: resized for models that need more, as bench does
-            cfg = replace(cfg, image_size=input_size_for(get_model(cfg.model, num_classes=10, **cfg.model_kwargs())))
-        self.train_set, val_set, self.info = build_datasets(cfg.data_config())
+        cfg, self.train_set, val_set, self.info = resolve_data(cfg, train_data, val_data, model)
+        if model is not None:
+            cfg = replace(cfg, model=model_name(model, cfg.model))
         self.loaders = Loaders(self.train_set, val_set, cfg.data_config(), cfg.seed, self.procs, self.device)
         self.config = cfg = replace(cfg, num_classes=cfg.num_classes or self.info.num_classes, **_stated(cfg, self.info))
         self.num_classes, self.gated = cfg.num_classes, not cfg.dense
-        self.model = _build_model(cfg, _state is None, cfg.sync_bn and self.procs.world > 1, self.is_main)
+        self.model = _build_model(cfg, _state is None, cfg.sync_bn and self.procs.world > 1, self.is_main, model)
         self.model.to(self.device)
         _check_input(self.model, self.info.input_size, cfg.model, self.device)
         self.optimizers, self.schedulers = build_optimizers(cfg, self.model)
@@ -374,8 +385,12 @@ def _check_input(model: nn.Module, input_size: Sequence[int], name: str, device:
         model.train(was_training)
 
 
-def _build_model(cfg: TrainConfig, load_init: bool, sync_bn: bool, warn: bool) -> nn.Module:
-    model = load_model(cfg.model, cfg.num_classes, cfg.init if load_init else None, **cfg.model_kwargs())
+def _build_model(cfg: TrainConfig, load_init: bool, sync_bn: bool, warn: bool, model: nn.Module | None) -> nn.Module:
+    init = cfg.init if load_init else None
+    if model is None:
+        model = load_model(cfg.model, cfg.num_classes, init, **cfg.model_kwargs())
+    else:
+        model = load_dense(model, init)
     if cfg.init is None and not cfg.dense and load_init and warn:
         log.warning("FTWT without --init: gates learn from an untrained backbone; train a dense model first")
     if sync_bn:
