@@ -10,17 +10,22 @@ gated model, and :func:`detach_gates` gives back the original model exactly.
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from fnmatch import fnmatch
 
+import torch
 from torch import nn
 
 from ftwt._ops import NORMS, act_after, activation, feeds_add, trace
+from ftwt._placement import skip_reason
 from ftwt.errors import ConfigError, UnsupportedLayerError
 from ftwt.gate import GateConfig
 from ftwt.record import record
 from ftwt.unit import GatedUnit, UnitSpec
+
+log = logging.getLogger(__name__)
 
 GATES_ATTR = "ftwt_gates"
 _LABEL_MODES = {"train": None, "always": True, "never": False}
@@ -33,7 +38,8 @@ def _selected(name: str, include: Sequence[str] | None, exclude: Sequence[str]) 
 
 
 def find_units(
-    model: nn.Module, include: Sequence[str] | None = None, exclude: Sequence[str] = (), scope: str = "all"
+    model: nn.Module, include: Sequence[str] | None = None, exclude: Sequence[str] = (), scope: str = "all",
+    skip_unhelpful: bool = True,
 ) -> list[UnitSpec]:
     """Find the gateable units of ``model`` in forward order.
 
@@ -49,6 +55,9 @@ def find_units(
             Behind an add the next convolution sees the union of both branches, so pruning
             such a unit's filters saves little; a block's internal channels save in two
             convolutions (the block's first, and the input side of the next).
+        skip_unhelpful: leave squeeze-excite convolutions and those feeding a LayerNorm or
+            GroupNorm dense (see :func:`skipped_units`); each is logged with the reason.
+            ``include`` patterns that name such a unit gate it anyway.
 
     Returns:
         One :class:`UnitSpec` per gated convolution.
@@ -56,10 +65,31 @@ def find_units(
     Raises:
         UnsupportedLayerError: a selected layer cannot be gated; the message names it.
     """
+    units, skipped = _plan(model, include, exclude, scope, skip_unhelpful)
+    for name, reason in skipped:
+        log.info("left dense: %s (%s)", name, reason)
+    return units
+
+
+def skipped_units(
+    model: nn.Module, include: Sequence[str] | None = None, exclude: Sequence[str] = (), scope: str = "all"
+) -> list[tuple[str, str]]:
+    """The convolutions :func:`find_units` leaves dense by default, each with the reason.
+
+    Example:
+        >>> skipped_units(torchvision.models.efficientnet_b0())[0]
+        ('features.1.0.block.1.fc1', 'squeeze-excite (gate costs more than the conv; sigmoid(0) = 0.5)')
+    """
+    return _plan(model, include, exclude, scope, True)[1]
+
+
+def _plan(model: nn.Module, include: Sequence[str] | None, exclude: Sequence[str], scope: str,
+          skip_unhelpful: bool) -> tuple[list[UnitSpec], list[tuple[str, str]]]:
     gm = trace(model)
     modules = dict(gm.named_modules())
     calls = Counter(n.target for n in gm.graph.nodes if n.op == "call_module")
     units: list[UnitSpec] = []
+    skipped: list[tuple[str, str]] = []
     for node in gm.graph.nodes:
         if node.op != "call_module":
             continue
@@ -90,8 +120,12 @@ def find_units(
         act = activation(act_node, modules) if act_node is not None else None
         if scope == "internal" and feeds_add(act_node if act_node is not None else tail, modules):
             continue
+        reason = skip_reason(node, act_node if act_node is not None else tail, modules) if skip_unhelpful else None
+        if reason is not None and not (include is not None and name in include):
+            skipped.append((name, reason))
+            continue
         units.append(UnitSpec(conv=name, norm=norm, act=act))
-    return units
+    return units, skipped
 
 
 def _key(name: str) -> str:
@@ -105,6 +139,7 @@ def attach_gates(
     include: Sequence[str] | None = None,
     exclude: Sequence[str] = (),
     units: Sequence[UnitSpec] | None = None,
+    skip_unhelpful: bool = True,
 ) -> nn.Module:
     """Give every gateable convolution of ``model`` an FTWT gate, in place.
 
@@ -115,6 +150,8 @@ def attach_gates(
         exclude: glob patterns of convolution names to leave dense.
             ``config.scope`` narrows the units further (see :func:`find_units`).
         units: explicit units, for models ``torch.fx`` cannot trace.
+        skip_unhelpful: leave squeeze-excite convolutions and convolutions feeding a
+            LayerNorm/GroupNorm dense (logged; see :func:`skipped_units`).
 
     Returns:
         ``model`` itself, now with a ``ftwt_gates`` submodule.
@@ -128,7 +165,7 @@ def attach_gates(
     if hasattr(model, GATES_ATTR):
         raise ConfigError("model already has gates; call detach_gates(model) first")
     config = config or GateConfig()
-    specs = list(units) if units is not None else find_units(model, include, exclude, config.scope)
+    specs = list(units) if units is not None else find_units(model, include, exclude, config.scope, skip_unhelpful)
     if not specs:
         raise UnsupportedLayerError(f"{type(model).__name__}: no Conv2d to gate (include={include}, exclude={exclude})")
     named = dict(model.named_modules())
@@ -233,6 +270,28 @@ def set_label_mode(model: nn.Module, mode: str) -> None:
         unit.labels_on = value
 
 
+def init_gates_from_weights(model: nn.Module) -> None:
+    """Start every gate as the static pruner: zero input weights, biases ranking the filters by magnitude.
+
+    A filter's importance is the L1 norm of its convolution weights times its norm's
+    ``|gamma|`` (the usual static criterion); the biases are its z-scores within the unit. With
+    the ``topk`` rule the first masks are then exactly the static choice of filters, the same
+    for every input; a gate moves away from it only where the task loss (``ste``) says that
+    the input calls for other filters.
+    """
+    named = dict(model.named_modules())
+    with torch.no_grad():
+        for unit in gated_units(model):
+            conv = named[unit.spec.conv]
+            score = conv.weight.detach().abs().flatten(1).sum(1).double()
+            norm = named.get(unit.spec.norm) if unit.spec.norm else None
+            if norm is not None and getattr(norm, "weight", None) is not None:
+                score = score * norm.weight.detach().abs().double()
+            z = (score - score.mean()) / score.std().clamp_min(1e-12) if score.numel() > 1 else score * 0
+            unit.gate.fc.weight.zero_()
+            unit.gate.fc.bias.copy_(z.to(unit.gate.fc.bias.dtype))
+
+
 def gate_parameters(model: nn.Module) -> list[nn.Parameter]:
     """Parameters of the gates (for their own optimizer)."""
     return list(getattr(model, GATES_ATTR).parameters())
@@ -252,9 +311,11 @@ __all__ = [
     "gate_config",
     "gate_parameters",
     "gated_units",
+    "init_gates_from_weights",
     "is_gated",
     "mask_source",
     "set_decision",
     "set_label_mode",
     "set_threshold",
+    "skipped_units",
 ]

@@ -53,6 +53,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--criterion", help="mass (default) or uniform")
     g.add_argument("--mass", "--threshold", dest="threshold", type=float,
                    help="mass threshold r in (0, 1] (uniform: ratio rho); default 0.9")
+    g.add_argument("--include", help="comma-separated globs of convolutions to gate, e.g. 'layer2.*,layer3.*' "
+                   "(default: every one that can help; squeeze-excite and LayerNorm-fed convs are left dense)")
+    g.add_argument("--exclude", help="comma-separated globs of convolutions to leave dense, e.g. 'conv1,*downsample*'")
     g.add_argument("--gate-pool", dest="gate_pool", type=int, help="gate input pooled to d x d (default 1)")
     g.add_argument("--gate-softmax", dest="gate_softmax", action=_BOOL, help="softmax over pooled features (default on)")
     g.add_argument("--gate-embed", dest="gate_embed", type=int, help="target gate embedding size (sets d per unit)")

@@ -51,6 +51,8 @@ class Checkpoint:
         config: the resolved :class:`~ftwt.train.TrainConfig` as a dict.
         model_kwargs: builder arguments besides ``num_classes``, e.g. ``{"shortcut": "reference"}``;
             empty in checkpoints written before they were recorded (the builders' defaults).
+        gate_units: the gated convolutions' names, so the same gates come back; None in
+            checkpoints written before they were recorded (those gated every convolution).
     """
 
     model_name: str
@@ -71,6 +73,7 @@ class Checkpoint:
     calibrated_decisions: list[float] | None = None
     config: dict[str, Any] | None = None
     model_kwargs: dict[str, Any] = field(default_factory=dict)
+    gate_units: list[str] | None = None
 
     @property
     def gated(self) -> bool:
@@ -112,9 +115,14 @@ class Checkpoint:
         """The model this checkpoint holds, with its weights (and gates, for FTWT runs)."""
         model = get_model(self.model_name, num_classes=int(self.num_classes), **(self.model_kwargs or {}))
         if self.gate_config:
-            attach_gates(model, GateConfig.from_dict(self.gate_config))
+            self.attach_gates(model)
         load_state_dict_into(model, self.model, strict=True)
         return model
+
+    def attach_gates(self, model: nn.Module) -> None:
+        """The checkpoint's gates on ``model``: on the units it names (older checkpoints: every unit)."""
+        include = list(self.gate_units) if self.gate_units is not None else None
+        attach_gates(model, GateConfig.from_dict(self.gate_config), include=include, skip_unhelpful=False)
 
 
 def load_trained(path: str | os.PathLike) -> tuple[nn.Module, Checkpoint]:
@@ -177,7 +185,7 @@ def _load_into(model: nn.Module, path: str | os.PathLike) -> nn.Module:
         return model
     ckpt = Checkpoint.from_dict(data, str(path))
     if ckpt.gate_config and not is_gated(model):
-        attach_gates(model, GateConfig.from_dict(ckpt.gate_config))
+        ckpt.attach_gates(model)
     load_state_dict_into(model, ckpt.model, strict=True)
     return model
 

@@ -32,6 +32,8 @@ class TrainConfig:
     num_classes: int | None = None  # None: the dataset's number of classes
     init: str | None = None  # dense checkpoint to start from; FTWT fine-tunes a trained dense model
     shortcut: str | None = None  # CIFAR ResNets' option-A layout: reference, subsample or avgpool; None: the model's (avgpool)
+    include: str | None = None  # comma-separated globs of convolutions to gate; None: all that can help
+    exclude: str | None = None  # comma-separated globs of convolutions to leave dense
     # data
     dataset: str = "digits"  # digits (embedded), cifar10, cifar100 or folder
     data_dir: str | None = None  # dataset root (CIFAR files or train/ and val/ class folders)
@@ -129,6 +131,12 @@ class TrainConfig:
     def gate_config(self) -> GateConfig | None:
         """The :class:`GateConfig` of this run (None for a dense run)."""
         return None if self.dense else self._gates(self.threshold)
+
+    def gate_patterns(self) -> dict[str, Any]:
+        """``include`` / ``exclude`` as :func:`~ftwt.attach_gates` takes them."""
+        def split(text: str | None) -> list[str]:
+            return [p.strip() for p in (text or "").split(",") if p.strip()]
+        return {"include": split(self.include) or None, "exclude": split(self.exclude)}
 
     def model_kwargs(self) -> dict[str, Any]:
         """Builder arguments besides ``num_classes`` (what checkpoints record to rebuild the model)."""

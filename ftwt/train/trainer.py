@@ -50,7 +50,7 @@ from ftwt.estimate import estimate
 from ftwt.evaluate import evaluate
 from ftwt.plots import plot_training
 from ftwt.report import write_report
-from ftwt.surgery import attach_gates, gate_parameters
+from ftwt.surgery import attach_gates, gate_parameters, gated_units
 from ftwt.train._epoch import Position, TrainStep, run_epoch
 from ftwt.train._user import Data, model_name, resolve_data
 from ftwt.train.checkpoint import Checkpoint, load_dense, load_model
@@ -286,6 +286,7 @@ class Trainer:
             scaler=self.scaler.state_dict(), rng=rng_state(), best_top1=self.best_top1,
             estimated_reduction=self.estimated, calibrated_decisions=self.calibrated, config=self.config.to_dict(),
             model_kwargs=self.config.model_kwargs(),
+            gate_units=[u.spec.conv for u in gated_units(self.model)] if self.gated else None,
         )
 
     def save_position(self, epoch: int, step: int, sums: torch.Tensor) -> None:
@@ -396,7 +397,7 @@ def _build_model(cfg: TrainConfig, load_init: bool, sync_bn: bool, warn: bool, m
     if sync_bn:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # new modules: before the gates hook them
     if not cfg.dense:
-        attach_gates(model, cfg.gate_config())
+        attach_gates(model, cfg.gate_config(), **cfg.gate_patterns())
     return model
 
 
