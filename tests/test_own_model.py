@@ -76,3 +76,22 @@ def test_import_path_models(capsys):
         assert len(err) == 1 and words in err[0]
     assert main(["flops", "--model", "tests_pkg.mod:factory", "--input-size", "3", "16", "16", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["dense_macs"] > 0
+
+
+def test_readme_own_project_section(tmp_path, monkeypatch, capsys):
+    import re
+    import sys
+    from pathlib import Path
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    section = readme.split("## Use ftwt in your own project", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```python\n(.*?)```", section, re.S)
+    assert len(blocks) == 3 and "Trainer(cfg, model=MyNet()" in blocks[1] and "calibrate_decisions" in blocks[2]
+    for block in blocks:
+        compile(block, "README.md", "exec")
+    (tmp_path / "mynet.py").write_text(blocks[0])
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
+    assert "ftwt flops --model mynet:MyNet --per-layer" in section
+    assert main(["flops", "--model", "mynet:MyNet", "--per-layer"]) == 0  # the folder it runs in is importable
+    assert "dw.0" in capsys.readouterr().out
