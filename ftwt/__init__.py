@@ -31,7 +31,7 @@ from ftwt.estimate import Estimate, estimate, find_threshold
 from ftwt.evaluate import evaluate
 from ftwt.flops import FlopsMeter, FlopsReport, LayerFlops, conv_macs, linear_macs, measure
 from ftwt.gate import Gate, GateConfig
-from ftwt.loss import mask_loss
+from ftwt.loss import fit_gates, mask_loss
 from ftwt.models import get_model, list_models
 from ftwt.record import Record, record
 from ftwt.report import write_report
@@ -49,7 +49,7 @@ from ftwt.surgery import (
     set_label_mode,
     set_threshold,
 )
-from ftwt.train import Checkpoint, TrainConfig, Trainer, load_model, load_trained
+from ftwt.train import PRESETS, Checkpoint, TrainConfig, Trainer, load_model, load_trained
 from ftwt.unit import GatedUnit, UnitOutput, UnitSpec
 
 try:
@@ -77,6 +77,7 @@ __all__ = [
     "ModelNotFoundError",
     "NonFiniteLossError",
     "OutputError",
+    "PRESETS",
     "Record",
     "UnitOutput",
     "UnitSpec",
@@ -92,6 +93,7 @@ __all__ = [
     "filter_scores",
     "find_threshold",
     "find_units",
+    "fit_gates",
     "fold_decisions",
     "fold_bn",
     "gate_config",

@@ -19,6 +19,7 @@ from ftwt.errors import ConfigError
 _STYLES = {
     "dense": ("s", "black", "dense"),
     "ftwt": ("o", "tab:blue", "FTWT (dynamic)"),
+    "ftwt+": ("D", "tab:red", "ftwt+ (dynamic, recommended)"),
     "static": ("^", "tab:orange", "static pruning"),
     "estimate": ("x", "tab:green", "estimate (perfect gates)"),
 }

@@ -1,6 +1,7 @@
 """``ftwt train``: train a dense baseline or FTWT gates from a recipe and/or flags.
 
-Settings are layered: TrainConfig defaults, then the ``--resume`` checkpoint's config, then
+Settings are layered: TrainConfig defaults, then the ``--resume`` checkpoint's config, then the
+``--preset`` (``ftwt+``: the recommended dynamic mode), then
 the ``--config`` recipe (a YAML path or a shipped recipe name such as
 ``cifar10_resnet56_r0.80_decoupled``), then the flags given. Writes ``config.yaml``,
 ``metrics.jsonl``, ``last.pt``, ``best.pt`` and ``report.json`` into ``--out``. For several
@@ -15,7 +16,7 @@ from typing import Any
 
 from ftwt.cli._common import add_folder_args, add_shortcut_arg, print_json, print_table
 from ftwt.errors import ConfigError
-from ftwt.train import TrainConfig, Trainer, list_recipes, load_recipe
+from ftwt.train import PRESETS, TrainConfig, Trainer, list_recipes, load_recipe
 from ftwt.train.loggers import LOGGERS, make_logger
 
 _KEYS = {f.name for f in fields(TrainConfig)}
@@ -59,8 +60,20 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--gate-pool", dest="gate_pool", type=int, help="gate input pooled to d x d (default 1)")
     g.add_argument("--gate-softmax", dest="gate_softmax", action=_BOOL, help="softmax over pooled features (default on)")
     g.add_argument("--gate-embed", dest="gate_embed", type=int, help="target gate embedding size (sets d per unit)")
+    g.add_argument("--preset", default=None, choices=sorted(PRESETS),
+                   help="a method preset applied before the recipe and flags: ftwt+ is the recommended dynamic mode")
+    g.add_argument("--gate-features", dest="gate_features", help="avg (default) or avgmax")
+    g.add_argument("--gate-hidden", dest="gate_hidden", type=int, help="hidden layer width in each gate (default 0)")
+    g.add_argument("--gate-rule", dest="gate_rule", help="threshold (default) or topk (with --criterion uniform)")
+    g.add_argument("--gate-ste", dest="gate_ste", action=_BOOL, help="task loss trains the gates (straight-through)")
+    g.add_argument("--gate-scope", dest="gate_scope", help="all (default) or internal (skip units feeding a residual add)")
+    g.add_argument("--gate-init", dest="gate_init", help="random (default) or weights: start as the static L1 choice")
+    g.add_argument("--gate-warmup", dest="gate_warmup", type=int,
+                   help="steps fitting the gates to the init model's labels before training (default 0)")
+    g.add_argument("--masks", help="gate (default) or ground_truth: the oracle bound, perfect gates")
     g.add_argument("--lam", type=float, help="mask-loss weight until cooldown (default 1)")
-    g.add_argument("--cooldown", type=int, help="epoch from which gates are frozen (default: half the epochs)")
+    g.add_argument("--cooldown", type=float,
+                   help="epoch from which gates are frozen; below 1 a share of the epochs (default: half)")
     g.add_argument("--balance-loss", dest="balance_loss", action=_BOOL, help="class-balanced mask loss")
     g.add_argument("--calibrate", action=_BOOL, help="at cooldown, match each gate's kept fraction to its labels'")
     g.add_argument("--calibrate-batches", dest="calibrate_batches", type=int,
@@ -113,7 +126,8 @@ def _pct(value: float | None) -> str:
 
 def run(args: argparse.Namespace) -> int:
     flags = {k: v for k, v in vars(args).items() if k in _KEYS}
-    settings = {**(_recipe(args.config) if args.config else {}), **flags}
+    preset = PRESETS[args.preset] if getattr(args, "preset", None) else {}
+    settings = {**preset, **(_recipe(args.config) if args.config else {}), **flags}
     # made first: a missing TensorBoard stops before any training
     callbacks = [make_logger(args.logger)] if args.logger else []
     if args.resume:
@@ -135,5 +149,10 @@ def run(args: argparse.Namespace) -> int:
                             "estimated before training"),
         ("output", str(trainer.out)),
     ]
+    if report.get("gate_lift") is not None:
+        lift = report["gate_lift"]
+        rows.insert(-1, ("dynamic?", f"decisions vary for {report['varying_fraction']:.1%} of filters; gate lift "
+                                     f"{100 * lift:+.1f} pts over each filter's prior"
+                                     + ("" if lift > 0 else " (none: the gates ignore the input)")))
     print_table(rows)
     return 0

@@ -7,9 +7,9 @@ Example:
 """
 
 from ftwt.train.checkpoint import Checkpoint, load_model, load_trained
-from ftwt.train.config import TrainConfig
+from ftwt.train.config import PRESETS, TrainConfig
 from ftwt.train.recipes import list_recipes, load_recipe
 from ftwt.train.trainer import Callback, Trainer
 
-__all__ = ["Callback", "Checkpoint", "TrainConfig", "Trainer", "list_recipes", "load_model", "load_recipe",
+__all__ = ["PRESETS", "Callback", "Checkpoint", "TrainConfig", "Trainer", "list_recipes", "load_model", "load_recipe",
            "load_trained"]

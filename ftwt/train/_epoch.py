@@ -76,7 +76,7 @@ def run_epoch(trainer: Any, epoch: int, train_gates: bool, start: Position | Non
     bar = tqdm(trainer.loaders.train, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False,
                disable=not (trainer.is_main and cfg.progress), dynamic_ncols=True)
     # frozen gates need no labels: skip the ground truth's sort and cumsum
-    rec_ctx = record(trainer.model, labels=labels) if trainer.gated else contextlib.nullcontext()
+    rec_ctx = record(trainer.model, masks=cfg.masks, labels=labels) if trainer.gated else contextlib.nullcontext()
     with rec_ctx as rec:
         for step, (x, y) in enumerate(bar):
             if step < first:

@@ -18,6 +18,24 @@ from ftwt.models.resnet_cifar import check_shortcut
 
 SCHEDULES = ("step", "cosine")
 
+# The recommended dynamic mode (the README's "ftwt+"), measured against the paper's mode and
+# static pruning in benchmarks/dev_cifar.py. threshold is rho, the share of each gated
+# unit's filters pruned for every sample (labels and masks keep the top 1 - rho).
+PRESETS: dict[str, dict[str, Any]] = {
+    "ftwt+": {
+        "criterion": "uniform",  # labels: each sample's top 1 - rho filters by peak activation
+        "threshold": 0.5,
+        "gate_rule": "topk",  # masks: the same count, the gate's top logits (a fixed, known cost)
+        "gate_features": "avgmax",  # mean and peak of each input channel, no softmax
+        "gate_softmax": False,
+        "gate_ste": True,  # the task loss reaches the gates, not only the BCE on labels
+        "gate_scope": "internal",  # blocks' inner channels: masks there save in two convolutions
+        "gate_warmup": 50,  # fit the gates to the dense model's labels first
+        "cooldown": 0.75,  # gates train for three quarters of the epochs
+        "schedule": "cosine",
+    },
+}
+
 
 @dataclass
 class TrainConfig:
@@ -54,8 +72,16 @@ class TrainConfig:
     gate_pool: int = 1  # gate input pooled to d x d per channel (reference d = 1)
     gate_softmax: bool = True  # softmax over pooled features (reference default)
     gate_embed: int | None = None  # if set, d = round(sqrt(gate_embed / C_in)) per unit
+    gate_features: str = "avg"  # gate input: "avg" pooling (reference) or "avgmax" (average and max)
+    gate_hidden: int = 0  # hidden ReLU layer width in each gate (0: one linear layer, reference)
+    gate_rule: str = "threshold"  # "threshold" (sigmoid > decision, reference) or "topk" (with criterion uniform)
+    gate_ste: bool = False  # straight-through: the task loss trains the gates through their decisions
+    gate_scope: str = "all"  # "all" units, or "internal": not those whose output feeds a residual add
+    gate_init: str = "random"  # "random", or "weights": gates start as the static L1 choice of filters
+    gate_warmup: int = 0  # steps fitting the gates to the frozen init model's labels before training
+    masks: str = "gate"  # masks applied in training and evaluation: "gate", or "ground_truth" (the oracle bound)
     lam: float = 1.0  # mask-loss weight until cooldown (then 0)
-    cooldown: int | None = None  # epoch from which gates are frozen; None: half the epochs, rounded up (reference)
+    cooldown: float | None = None  # epoch from which gates are frozen (below 1: a share of the epochs); None: half, rounded up (reference)
     balance_loss: bool = False  # class-balanced mask loss: labels are mostly 1 and plain BCE leans to keeping
     calibrate: bool = False  # at cooldown, set per-unit decisions so that gates keep what labels keep
     calibrate_batches: int = 100  # training batches per process and round for calibration; quantiles settle fast
@@ -106,6 +132,12 @@ class TrainConfig:
         _positive(self, "gate_embed", optional=True)
         if self.cooldown is not None and self.cooldown < 0:
             raise ConfigError(f"cooldown must be >= 0 epochs, got {self.cooldown}")
+        if self.gate_init not in ("random", "weights"):
+            raise ConfigError(f"unknown gate_init {self.gate_init!r}; choose 'random' or 'weights'")
+        if self.gate_warmup < 0:
+            raise ConfigError(f"gate_warmup must be >= 0 steps, got {self.gate_warmup}")
+        if self.masks not in ("gate", "ground_truth"):
+            raise ConfigError(f"unknown masks {self.masks!r}; choose 'gate' or 'ground_truth' (the oracle bound)")
         # GateConfig checks the rest; a dense run's threshold is never used, so it is not checked
         self._gates(self.threshold if not self.dense else GateConfig.threshold)
 
@@ -126,7 +158,8 @@ class TrainConfig:
 
     def _gates(self, threshold: float) -> GateConfig:
         return GateConfig(criterion=self.criterion, threshold=threshold, mode=self.mode, pool=self.gate_pool,
-                          embed_target=self.gate_embed, softmax=self.gate_softmax)
+                          embed_target=self.gate_embed, softmax=self.gate_softmax, features=self.gate_features,
+                          hidden=self.gate_hidden, rule=self.gate_rule, ste=self.gate_ste, scope=self.gate_scope)
 
     def gate_config(self) -> GateConfig | None:
         """The :class:`GateConfig` of this run (None for a dense run)."""
@@ -155,7 +188,7 @@ class TrainConfig:
             self,
             lr=self.lr if self.lr is not None else (0.1 if self.dense else 0.01),
             schedule=self.schedule or ("cosine" if self.dense else "step"),
-            cooldown=self.cooldown if self.cooldown is not None else math.ceil(self.epochs / 2),
+            cooldown=_cooldown(self.cooldown, self.epochs),
             milestones=[m for m in milestones if m > 0],
         )
 
@@ -166,6 +199,23 @@ class TrainConfig:
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
         """Build from a recipe or checkpoint dict; unknown keys raise :class:`ConfigError`."""
         return config_from_dict(cls, data, "config key(s)")
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides: Any) -> TrainConfig:
+        """A config with :data:`PRESETS` ``[name]`` applied, then ``overrides``.
+
+        Example:
+            >>> cfg = TrainConfig.from_preset("ftwt+", model="resnet56", init="dense.pt", threshold=0.5)
+        """
+        if name not in PRESETS:
+            raise ConfigError(f"unknown preset {name!r}; choose from {sorted(PRESETS)}")
+        return cls.from_dict({**PRESETS[name], **overrides})
+
+
+def _cooldown(value: float | None, epochs: int) -> int:
+    if value is None:
+        return math.ceil(epochs / 2)
+    return round(value * epochs) if 0 < value < 1 else int(value)
 
 
 def _positive(config: TrainConfig, name: str, optional: bool = False) -> None:
@@ -202,4 +252,4 @@ def _check_types(config: TrainConfig) -> None:
             raise ConfigError(f"config key {f.name!r} must be {kind}, got {value!r}")
 
 
-__all__ = ["SCHEDULES", "TrainConfig"]
+__all__ = ["PRESETS", "SCHEDULES", "TrainConfig"]

@@ -48,9 +48,10 @@ from ftwt.data import DatasetInfo
 from ftwt.errors import CheckpointError, ConfigError, NonFiniteLossError, OutputError
 from ftwt.estimate import estimate
 from ftwt.evaluate import evaluate
+from ftwt.loss import fit_gates
 from ftwt.plots import plot_training
 from ftwt.report import write_report
-from ftwt.surgery import attach_gates, gate_parameters, gated_units
+from ftwt.surgery import attach_gates, gate_parameters, gated_units, init_gates_from_weights
 from ftwt.train._epoch import Position, TrainStep, run_epoch
 from ftwt.train._user import Data, model_name, resolve_data
 from ftwt.train.checkpoint import Checkpoint, load_dense, load_model
@@ -120,7 +121,8 @@ class Trainer:
         if _state is not None:
             self._load(_state)
         self._owns_group = self.procs.join(self.device)
-        self.net = self._wrap(train_gates=self.gated)
+        # the oracle bound applies the labels themselves: its gates are never trained
+        self.net = self._wrap(train_gates=self.gated and cfg.masks == "gate")
 
     @classmethod
     def resume(cls, path: str, overrides: dict[str, Any] | None = None, callbacks: Sequence[Callback] = ()) -> Trainer:
@@ -153,7 +155,8 @@ class Trainer:
     # Phases ----------------------------------------------------------------------------------
     def on_start(self) -> None:
         """Before the first epoch of an FTWT run: estimate, with perfect gates at ``r`` on the init
-        weights, the FLOPs reduction the budget should buy."""
+        weights, the FLOPs reduction the budget should buy; then fit the gates to the init
+        model's labels for ``gate_warmup`` steps."""
         loader = DataLoader(self.train_set, batch_size=self.config.batch_size, shuffle=False)
         cfg = self.config
         est = estimate(self.model, (x for x, _ in loader), cfg.threshold, cfg.criterion,
@@ -162,6 +165,17 @@ class Trainer:
             log.info("estimated FLOPs reduction at %s=%g before training: %.1f%%",
                      cfg.criterion, cfg.threshold, 100 * est.reduction)
         self.estimated = est.reduction
+        if cfg.gate_init == "weights":
+            init_gates_from_weights(self.model)
+        if cfg.gate_warmup and cfg.masks == "gate":
+            self.loaders.seed_epoch(0)
+            loss = fit_gates(self.model, (x for x, _ in self.loaders.train), self.optimizers[1], cfg.gate_warmup,
+                             cfg.balance_loss)
+            if self.procs.world > 1:  # each process fitted on its own shard: keep rank 0's gates
+                for p in gate_parameters(self.model):
+                    dist.broadcast(p.data, 0)
+            if self.is_main:
+                log.info("gates fitted to the init model's labels for %d steps (mask loss %.3f)", cfg.gate_warmup, loss)
 
     def on_cooldown(self, epoch: int) -> None:
         """From ``epoch`` on the gates are frozen; at the cooldown epoch itself, calibrate them if asked."""
@@ -219,7 +233,8 @@ class Trainer:
                 self.on_cooldown(epoch)
             self.loaders.seed_epoch(epoch)
             position, self._position = self._position, None
-            train = run_epoch(self, epoch, train_gates=self.gated and not self.frozen, start=position)
+            train = run_epoch(self, epoch, train_gates=self.gated and not self.frozen and cfg.masks == "gate",
+                              start=position)
             for sched in self.schedulers:
                 sched.step()
             report = self._evaluate()
@@ -247,7 +262,8 @@ class Trainer:
             for buf in self.model.buffers():
                 dist.broadcast(buf, 0)
         _faults.pause_if("evaluate")
-        self._last_report = evaluate(self.model, self.loaders.val, self.device, distributed=self.procs.world > 1)
+        self._last_report = evaluate(self.model, self.loaders.val, self.device, distributed=self.procs.world > 1,
+                                     masks=self.config.masks if self.gated else "gate")
         return self._last_report
 
     def _finish(self) -> dict[str, Any]:

@@ -1,0 +1,268 @@
+"""Development benchmark on real images: dynamic against static pruning at equal honest FLOPs.
+
+ResNet-20 on the CIFAR-10 JPEG folder (``shared/data/cifar10_dev_jpeg.tar.gz``, extracted
+outside the repository or into the git-ignored ``data/``). A dense model is trained once,
+then every method fine-tunes it with the same budget and the same loop: SGD (lr 0.01,
+momentum 0.9, weight decay 5e-4), cosine schedule over all steps, batch 128, the same data
+order and augmentation. Methods:
+
+* ``ftwt``: the paper's mode (mass labels at ``r``, reference gates, decoupled BCE, gates
+  frozen at half the epochs);
+* ``oracle``: fine-tuned and evaluated with the ground-truth masks at ``r`` (perfect gates;
+  not deployable, labels need the full output): whether the criterion itself can win;
+* ``plus``: the recommended mode (``ftwt.PRESETS["ftwt+"]``): gates on the blocks' inner
+  channels, average and max pooled inputs, the top ``1 - rho`` filters of each sample, the
+  task loss reaching the gates through a straight-through estimator, BCE on top-k labels,
+  the gates fitted to the frozen dense model first;
+* ``static``: a Torch-Pruning model of the MACs a dynamic run achieved (``--match RUN``),
+  uniform over all channel groups (``--scope all``) or over the blocks' inner channels
+  only (``--scope internal``), fine-tuned the same way.
+
+Usage (each step skips what is already done; ``all`` runs the README's table)::
+
+    python benchmarks/dev_cifar.py --data data/cifar10_dev dense
+    python benchmarks/dev_cifar.py --data data/cifar10_dev run plus_rho0.50 --method plus --rho 0.5
+    python benchmarks/dev_cifar.py --data data/cifar10_dev run static_int@plus_rho0.50 --method static \\
+        --scope internal --match plus_rho0.50
+    python benchmarks/dev_cifar.py --data data/cifar10_dev latency
+    python benchmarks/dev_cifar.py --data data/cifar10_dev table
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _cifar_dev as D  # noqa: E402
+
+import ftwt  # noqa: E402
+from ftwt.baselines import prune_to_macs  # noqa: E402
+from ftwt.bench import describe_machine, machine_info, time_calls  # noqa: E402
+from ftwt.loss import fit_gates, mask_loss  # noqa: E402
+from ftwt.models import get_model  # noqa: E402
+from ftwt.surgery import backbone_parameters, gate_parameters, init_gates_from_weights  # noqa: E402
+
+MODEL = "resnet20"
+GATED = ("ftwt", "oracle", "plus")
+
+
+def _dense(args: argparse.Namespace) -> None:
+    out = Path(args.out) / "dense.pt"
+    if out.exists():
+        return
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    xtr, ytr, xva, yva = D.load(args.data, args.dense_per_class)
+    m = get_model(MODEL, num_classes=10)
+    opt = torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4, nesterov=True)
+    steps = args.dense_epochs * math.ceil(len(ytr) / 128)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, 0.1, total_steps=steps, pct_start=0.15)
+    gen = torch.Generator().manual_seed(0)
+    t0 = time.time()
+    for ep in range(args.dense_epochs):
+        m.train()
+        for xb, yb in D.batches(xtr, ytr, 128, gen, train=True):
+            loss = F.cross_entropy(m(xb), yb)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+        print(json.dumps({"epoch": ep + 1, "loss": loss.item(), "t": time.time() - t0}), flush=True)
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    torch.save({"model": m.state_dict(), "seconds": time.time() - t0}, out)
+
+
+def _gate_config(args: argparse.Namespace) -> ftwt.GateConfig:
+    if args.method == "plus":
+        return ftwt.TrainConfig.from_preset("ftwt+", threshold=args.rho).gate_config()
+    return ftwt.GateConfig(threshold=args.mass)
+
+
+def _run(args: argparse.Namespace) -> None:
+    out = Path(args.out)
+    result_path = out / "results" / f"{args.name}.json"
+    if result_path.exists():
+        print(f"{args.name}: done already ({result_path})")
+        return
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    xtr, ytr, xva, yva = D.load(args.data, args.per_class)
+    dense = get_model(MODEL, num_classes=10)
+    dense.load_state_dict(torch.load(out / "dense.pt", weights_only=True)["model"])
+    t0 = time.time()
+    gated = args.method in GATED
+    if args.method == "static":
+        match = json.loads((out / "results" / f"{args.match}.json").read_text())
+        model = prune_to_macs(dense, D.normalize(xva[:1]), match["dynamic_macs"], scope=args.scope).model
+    else:
+        model = copy.deepcopy(dense)
+    if gated:
+        ftwt.attach_gates(model, _gate_config(args))
+    steps = args.epochs * math.ceil(len(ytr) / 128)
+    opt = torch.optim.SGD(backbone_parameters(model) if gated else model.parameters(), lr=0.01, momentum=0.9,
+                          weight_decay=5e-4)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
+    gopt = torch.optim.SGD(gate_parameters(model), lr=args.gate_lr, momentum=0.9) if gated else None
+    gen = torch.Generator().manual_seed(1)
+    masks = "ground_truth" if args.method == "oracle" else "gate"
+    cooldown = round((0.75 if args.method == "plus" else 0.5) * args.epochs)
+    if args.method == "plus" and args.gate_init == "weights":
+        init_gates_from_weights(model)
+    elif args.method == "plus":
+        fit_gates(model, (x for x, _ in D.batches(xtr, ytr, 128, gen, train=True)), gopt, args.warmup)
+    for ep in range(args.epochs):
+        model.train()
+        train_gates = gated and ep < cooldown and args.method != "oracle"
+        for p in gate_parameters(model) if gated else ():
+            p.requires_grad_(train_gates)
+        ctx = ftwt.record(model, masks=masks, labels="train" if train_gates else False) if gated else contextlib.nullcontext()
+        with ctx:
+            for xb, yb in D.batches(xtr, ytr, 128, gen, train=True):
+                loss = F.cross_entropy(model(xb), yb)
+                if train_gates and args.lam:
+                    loss = loss + args.lam * mask_loss(model)
+                opt.zero_grad()
+                if gopt is not None:
+                    gopt.zero_grad()
+                loss.backward()
+                opt.step()
+                sched.step()
+                if train_gates:
+                    gopt.step()
+        print(json.dumps({"run": args.name, "epoch": ep + 1, "loss": loss.item(), "t": time.time() - t0}), flush=True)
+    train_seconds = time.time() - t0
+    report = ftwt.evaluate(model, D.batches(xva, yva, 500), "cpu", **({"masks": masks} if gated else {}))
+    dense_macs = ftwt.measure(dense, [D.normalize(xva[:1])]).dense_macs
+    res = {"name": args.name, "method": args.method, "args": vars(args), "train_seconds": train_seconds,
+           **{k: v for k, v in report.items() if not isinstance(v, (list, dict))}}
+    res["flops_reduction"] = 1.0 - res["dynamic_macs"] / dense_macs
+    # training-set accuracy (no augmentation): how a user would choose between static variants
+    model.eval()
+    hits = 0
+    with torch.no_grad(), (ftwt.record(model, masks=masks, labels=False) if gated else contextlib.nullcontext()):
+        for xb, yb in D.batches(xtr, ytr, 500):
+            hits += int((model(xb).argmax(1) == yb).sum())
+    res["train_top1"] = 100.0 * hits / len(ytr)
+    (out / "models").mkdir(parents=True, exist_ok=True)
+    torch.save({"model": model} if not gated else {"state": model.state_dict(), "gates": _gate_config(args).to_dict()},
+               out / "models" / f"{args.name}.pt")
+    result_path.parent.mkdir(parents=True, exist_ok=True)
+    result_path.write_text(json.dumps(res, indent=1))
+    print("RESULT", json.dumps(res), flush=True)
+
+
+def _load(out: Path, name: str) -> torch.nn.Module:
+    blob = torch.load(out / "models" / f"{name}.pt", weights_only=False)  # our own files, written above
+    if "model" in blob:
+        return blob["model"].eval()
+    model = ftwt.attach_gates(get_model(MODEL, num_classes=10), ftwt.GateConfig.from_dict(blob["gates"]))
+    model.load_state_dict(blob["state"])
+    return model.eval()
+
+
+def _latency(args: argparse.Namespace) -> None:
+    """Batch-1, one-thread CPU latency of what each run would deploy, measured side by side."""
+    out = Path(args.out)
+    _, _, xva, _ = D.load(args.data, 1)
+    xs = [x[None] for x in D.normalize(xva[:32])]
+    dense = get_model(MODEL, num_classes=10)
+    dense.load_state_dict(torch.load(out / "dense.pt", weights_only=True)["model"])
+    fns = {"dense": (lambda it: lambda: dense(next(it)))(_cycle(xs))}
+    for path in sorted((out / "results").glob("*.json")):
+        res = json.loads(path.read_text())
+        if res["method"] == "oracle":
+            continue  # needs the full output for its labels: nothing to deploy
+        model = _load(out, res["name"])
+        if res["method"] in GATED:
+            for kernel in ("torch", "native"):
+                engine = ftwt.SparseEngine(model, kernel=kernel)
+                fns[f"{res['name']}|{kernel}"] = (lambda e, it: lambda: e(next(it)))(engine, _cycle(xs))
+        else:
+            fns[res["name"]] = (lambda m, it: lambda: m(next(it)))(model.eval(), _cycle(xs))
+    ms = time_calls(fns, threads=1, min_run_time=args.min_run_time)
+    record = {"machine": describe_machine(machine_info()), "isa": _isa(), "ms": ms}
+    (out / "latency.json").write_text(json.dumps(record, indent=1))
+    print(json.dumps(record, indent=1))
+
+
+def _cycle(xs: list[torch.Tensor]):
+    while True:
+        yield from xs
+
+
+def _isa() -> str:
+    with contextlib.suppress(OSError):
+        flags = Path("/proc/cpuinfo").read_text()
+        return "AVX-512" if "avx512f" in flags else ("AVX2" if "avx2" in flags else "other")
+    return "unknown"
+
+
+def _table(args: argparse.Namespace) -> None:
+    out = Path(args.out)
+    lat = json.loads((out / "latency.json").read_text()) if (out / "latency.json").exists() else {"ms": {}}
+    rows = [json.loads(p.read_text()) for p in sorted((out / "results").glob("*.json"))]
+    print("| run | method | top-1 | honest FLOPs red. | reference-style red. | decisions varying | labels varying "
+          "| gate lift | train top-1 | batch-1 ms (engine torch / native, or model) |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    ms = lat["ms"]
+    print(f"| dense | dense | {args.dense_top1 or '-'} | - | - | - | - | - | - | {ms.get('dense', float('nan')):.2f} |")
+
+    def pct(v):
+        return "-" if v is None else f"{100 * v:.1f}%"
+
+    for r in rows:
+        gated = r["method"] in GATED
+        t = (f"{ms.get(r['name'] + '|torch', float('nan')):.2f} / {ms.get(r['name'] + '|native', float('nan')):.2f}"
+             if gated else f"{ms.get(r['name'], float('nan')):.2f}")
+        lift = r.get("gate_lift")
+        print(f"| {r['name']} | {r['method']} | {r['top1']:.2f}% | {pct(r['flops_reduction'])} | "
+              f"{pct(r.get('reference_reduction')) if gated else '-'} | {pct(r.get('varying_fraction'))} | "
+              f"{pct(r.get('label_varying_fraction'))} | {'-' if lift is None else f'{100 * lift:+.1f} pts'} | "
+              f"{r['train_top1']:.2f}% | {t} |")
+    if lat.get("machine"):
+        print(f"\n(batch 1, 1 thread, {lat['machine']}, {lat['isa']})")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", default="data/cifar10_dev", help="the extracted CIFAR-10 JPEG folder")
+    p.add_argument("--out", default="runs/dev_cifar", help="dense model, runs, results (git-ignored)")
+    p.add_argument("--threads", type=int, default=1)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    d = sub.add_parser("dense", help="train the dense ResNet-20 every method starts from")
+    d.add_argument("--dense-epochs", type=int, default=15)
+    d.add_argument("--dense-per-class", type=int, default=2000)
+    r = sub.add_parser("run", help="fine-tune one method")
+    r.add_argument("name")
+    r.add_argument("--method", choices=(*GATED, "static"), required=True)
+    r.add_argument("--epochs", type=int, default=10)
+    r.add_argument("--per-class", type=int, default=1000, help="training images per class for fine-tuning")
+    r.add_argument("--mass", type=float, default=0.8, help="r of ftwt and oracle")
+    r.add_argument("--rho", type=float, default=0.5, help="share of inner filters pruned per sample (plus)")
+    r.add_argument("--warmup", type=int, default=50, help="gate-fitting steps before fine-tuning (plus)")
+    r.add_argument("--gate-lr", type=float, default=0.1)
+    r.add_argument("--lam", type=float, default=1.0, help="weight of the BCE mask loss on the labels")
+    r.add_argument("--gate-init", choices=("fit", "weights"), default="fit",
+                   help="plus: fit the gates to the dense model's labels, or start them as the static L1 choice")
+    r.add_argument("--match", help="static: the run whose achieved MACs to match")
+    r.add_argument("--scope", choices=("all", "internal"), default="all", help="static: channel groups pruned")
+    lat = sub.add_parser("latency", help="batch-1 CPU latency of every finished run")
+    lat.add_argument("--min-run-time", type=float, default=1.0)
+    t = sub.add_parser("table", help="the README table")
+    t.add_argument("--dense-top1", default=None)
+    args = p.parse_args()
+    {"dense": _dense, "run": _run, "latency": _latency, "table": _table}[args.cmd](args)
+
+
+if __name__ == "__main__":
+    main()
