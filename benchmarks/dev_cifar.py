@@ -12,8 +12,9 @@ order and augmentation. Methods:
   not deployable, labels need the full output): whether the criterion itself can win;
 * ``plus``: the recommended mode (``ftwt.PRESETS["ftwt+"]``): gates on the blocks' inner
   channels, average and max pooled inputs, the top ``1 - rho`` filters of each sample, the
-  task loss reaching the gates through a straight-through estimator, BCE on top-k labels,
-  the gates fitted to the frozen dense model first;
+  gates starting as the static L1 choice and trained by the task loss alone through a
+  straight-through estimator; ``--gate-init fit --lam 1`` is the variant whose gates are
+  first fitted to the dense model's top-k labels and keep learning them (BCE);
 * ``static``: a Torch-Pruning model of the MACs a dynamic run achieved (``--match RUN``),
   uniform over all channel groups (``--scope all``) or over the blocks' inner channels
   only (``--scope internal``), fine-tuned the same way.
@@ -21,9 +22,9 @@ order and augmentation. Methods:
 Usage (each step skips what is already done; ``all`` runs the README's table)::
 
     python benchmarks/dev_cifar.py --data data/cifar10_dev dense
-    python benchmarks/dev_cifar.py --data data/cifar10_dev run plus_rho0.50 --method plus --rho 0.5
+    python benchmarks/dev_cifar.py --data data/cifar10_dev run plus_w_rho0.50 --method plus --rho 0.5
     python benchmarks/dev_cifar.py --data data/cifar10_dev run static_int@plus_rho0.50 --method static \\
-        --scope internal --match plus_rho0.50
+        --scope internal --match plus_w_rho0.50
     python benchmarks/dev_cifar.py --data data/cifar10_dev latency
     python benchmarks/dev_cifar.py --data data/cifar10_dev table
 """
@@ -116,6 +117,7 @@ def _run(args: argparse.Namespace) -> None:
     gen = torch.Generator().manual_seed(1)
     masks = "ground_truth" if args.method == "oracle" else "gate"
     cooldown = round((0.75 if args.method == "plus" else 0.5) * args.epochs)
+    lam = args.lam if args.lam is not None else (ftwt.PRESETS["ftwt+"]["lam"] if args.method == "plus" else 1.0)
     if args.method == "plus" and args.gate_init == "weights":
         init_gates_from_weights(model)
     elif args.method == "plus":
@@ -129,8 +131,8 @@ def _run(args: argparse.Namespace) -> None:
         with ctx:
             for xb, yb in D.batches(xtr, ytr, 128, gen, train=True):
                 loss = F.cross_entropy(model(xb), yb)
-                if train_gates and args.lam:
-                    loss = loss + args.lam * mask_loss(model)
+                if train_gates and lam:
+                    loss = loss + lam * mask_loss(model)
                 opt.zero_grad()
                 if gopt is not None:
                     gopt.zero_grad()
@@ -251,8 +253,9 @@ def main() -> None:
     r.add_argument("--rho", type=float, default=0.5, help="share of inner filters pruned per sample (plus)")
     r.add_argument("--warmup", type=int, default=50, help="gate-fitting steps before fine-tuning (plus)")
     r.add_argument("--gate-lr", type=float, default=0.1)
-    r.add_argument("--lam", type=float, default=1.0, help="weight of the BCE mask loss on the labels")
-    r.add_argument("--gate-init", choices=("fit", "weights"), default="fit",
+    r.add_argument("--lam", type=float, default=None,
+                   help="weight of the BCE mask loss on the labels (default: 1, and the preset's 0 for plus)")
+    r.add_argument("--gate-init", choices=("fit", "weights"), default="weights",
                    help="plus: fit the gates to the dense model's labels, or start them as the static L1 choice")
     r.add_argument("--match", help="static: the run whose achieved MACs to match")
     r.add_argument("--scope", choices=("all", "internal"), default="all", help="static: channel groups pruned")

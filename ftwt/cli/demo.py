@@ -54,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
 
     def dynamic(run):
         lift = run.get("gate_lift")
-        told = "" if lift is None or lift > 0 else " (lift <= 0: the gates learned each filter's prior, not the input)"
+        told = "" if lift is None or lift > 0 else " (no better than each filter's majority label)"
         return (f"{run['top1']:6.2f}%  {run['dynamic_macs'] / 1e6:7.2f}M     {run['flops_reduction']:.1%} achieved "
                 f"(estimate {run['estimated_reduction']:.1%}); decisions vary for {run['varying_fraction']:.0%} of "
                 f"filters, gate lift {100 * (lift or 0):+.1f} pts{told}")

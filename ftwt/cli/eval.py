@@ -74,7 +74,7 @@ def _table(out: dict[str, Any]) -> list[tuple[str, str]]:
     ))
     if out.get("gate_lift") is not None:
         verdict = ("the gates predict the labels better than each filter's prior" if out["gate_lift"] > 0 else
-                   "no better than each filter's prior: the gates have learned nothing about the input")
+                   "no better than each filter's majority label: if the decisions do not vary either, the gates ignore the input")
         rows.append((
             "gate lift",
             f"{100 * out['gate_lift']:+.1f} pts over the static oracle ({_pct(out['static_oracle_accuracy'])}; "

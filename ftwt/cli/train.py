@@ -153,6 +153,6 @@ def run(args: argparse.Namespace) -> int:
         lift = report["gate_lift"]
         rows.insert(-1, ("dynamic?", f"decisions vary for {report['varying_fraction']:.1%} of filters; gate lift "
                                      f"{100 * lift:+.1f} pts over each filter's prior"
-                                     + ("" if lift > 0 else " (none: the gates ignore the input)")))
+                                     + ("" if lift > 0 else " (no better than each filter's majority label)")))
     print_table(rows)
     return 0

@@ -23,14 +23,15 @@ SCHEDULES = ("step", "cosine")
 # unit's filters pruned for every sample (labels and masks keep the top 1 - rho).
 PRESETS: dict[str, dict[str, Any]] = {
     "ftwt+": {
-        "criterion": "uniform",  # labels: each sample's top 1 - rho filters by peak activation
+        "criterion": "uniform",  # labels (for the reports): each sample's top 1 - rho filters by peak activation
         "threshold": 0.5,
-        "gate_rule": "topk",  # masks: the same count, the gate's top logits (a fixed, known cost)
+        "gate_rule": "topk",  # masks: the gate's top 1 - rho logits per sample (a fixed, known cost)
         "gate_features": "avgmax",  # mean and peak of each input channel, no softmax
         "gate_softmax": False,
-        "gate_ste": True,  # the task loss reaches the gates, not only the BCE on labels
+        "gate_ste": True,  # the task loss trains the gates through their decisions
+        "lam": 0.0,  # and nothing else: BCE on activation labels cost accuracy on real images
+        "gate_init": "weights",  # start as the static L1 choice; move only where the input calls for it
         "gate_scope": "internal",  # blocks' inner channels: masks there save in two convolutions
-        "gate_warmup": 50,  # fit the gates to the dense model's labels first
         "cooldown": 0.75,  # gates train for three quarters of the epochs
         "schedule": "cosine",
     },
