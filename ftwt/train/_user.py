@@ -7,6 +7,7 @@ them, so that shuffling stays seeded, resumable and sharded across processes.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -17,6 +18,8 @@ from torch.utils.data import DataLoader, Dataset
 from ftwt.data import DatasetInfo, build_datasets, input_size_for
 from ftwt.errors import ConfigError, DataError
 from ftwt.models import get_model
+from ftwt.surgery import attach_gates
+from ftwt.train.checkpoint import load_dense, load_model
 from ftwt.train.config import TrainConfig
 
 log = logging.getLogger(__name__)
@@ -55,6 +58,43 @@ def model_name(model: nn.Module, configured: str) -> str:
     return configured if ":" in configured else f"{type(model).__module__}:{type(model).__qualname__}"
 
 
+def stated(cfg: TrainConfig, info: DatasetInfo) -> dict[str, Any]:
+    """What an image folder's defaults came to (size, augmentation, statistics), for config.yaml and resumes."""
+    if cfg.dataset != "folder":
+        return {}
+    return {"image_size": info.input_size[-1], "augment": info.augment, "mean": list(info.mean), "std": list(info.std)}
+
+
+def build_model(cfg: TrainConfig, load_init: bool, sync_bn: bool, warn: bool, model: nn.Module | None) -> nn.Module:
+    """The run's model (the user's, or ``cfg.model`` from the registry) with ``cfg.init`` loaded and gates attached."""
+    init = cfg.init if load_init else None
+    if model is None:
+        model = load_model(cfg.model, cfg.num_classes, init, **cfg.model_kwargs())
+    else:
+        model = load_dense(model, init)
+    if cfg.init is None and not cfg.dense and load_init and warn:
+        log.warning("FTWT without --init: gates learn from an untrained backbone; train a dense model first")
+    if sync_bn:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # new modules: before the gates hook them
+    if not cfg.dense:
+        attach_gates(model, cfg.gate_config(), **cfg.gate_patterns())
+    return model
+
+
+def check_input(model: nn.Module, input_size: Sequence[int], name: str, device: torch.device) -> None:
+    """One sample through the model in eval mode (no state changes): a size it cannot take is one line now."""
+    was_training = model.training
+    try:
+        with torch.no_grad():
+            model.eval()(torch.zeros(1, *input_size, device=device))
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(f"{name} cannot take {'x'.join(map(str, input_size))} inputs ({first}); "
+                          "choose another --image-size or model") from None
+    finally:
+        model.train(was_training)
+
+
 def _dataset(data: Any, what: str) -> tuple[Dataset, int | None]:
     if isinstance(data, DataLoader):
         return data.dataset, data.batch_size
@@ -74,4 +114,4 @@ def _count_classes(train: Any) -> int:
     return int(labels.max()) + 1
 
 
-__all__ = ["Data", "model_name", "resolve_data"]
+__all__ = ["Data", "build_model", "check_input", "model_name", "resolve_data", "stated"]
