@@ -120,6 +120,16 @@ def time_calls(
     return {name: statistics.median(t) * 1e3 for name, t in times.items()}
 
 
+def kernel_summary(choices: dict[str, str]) -> str:
+    """``"native 12, torch 3, dense 2"``: how many convolutions run each way; ``"torch"`` when all run one way."""
+    counts: dict[str, int] = {}
+    for mode in choices.values():
+        counts[mode] = counts.get(mode, 0) + 1
+    if len(counts) == 1:
+        return next(iter(counts))
+    return ", ".join(f"{mode} {n}" for mode, n in sorted(counts.items()))
+
+
 def collect_masks(model: nn.Module, batches: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
     """Ground-truth masks at the gates' threshold, per batch: ``{unit name: (N, C_out) bool}``."""
     masks = []
@@ -178,8 +188,11 @@ def benchmark(
         ``static_speedup``, ``engine_vs_static`` (engine / static time),
         ``realized_fraction`` (speedup / ideal speedup), ``engine_max_abs_diff`` and
         ``engine_rel_diff`` (engine against the masked model's logits, on the first batch;
-        relative to the largest logit), ``engine_kernels`` (``"native"`` or ``"torch"``: what
-        the engine ran), and the setting: ``masks``, ``samples``,
+        relative to the largest logit), ``engine_kernels`` (how many convolutions ran each
+        way, e.g. ``"native 12, torch 3, dense 2"``), ``engine_choices`` (per convolution),
+        ``engine_executed_macs`` (per sample, as ``FlopCounterMode`` counts what the engine
+        ran: above the honest ``dynamic_macs`` where units run densely, gates' pooling not
+        included), and the setting: ``masks``, ``samples``,
         ``batch_size``, ``threads``, ``device``, ``machine``.
 
     Raises:
@@ -210,10 +223,12 @@ def benchmark(
         replay = collect_masks(model, batches) if masks == "ground_truth" else [None] * len(batches)
         engine = SparseEngine(model, round_to=round_to, kernel=kernel)
 
-        with torch.no_grad():
+        with torch.no_grad(), _num_threads(threads):
             with record(model, masks=masks):
                 reference = model(batches[0])
+            # The first call chooses the kernels (kernel="auto"), timed under the threads of the run.
             diff = float((engine(batches[0], masks=replay[0]) - reference).abs().max())
+            executed = statistics.fmean(engine.executed_macs(x, m) for x, m in zip(batches, replay, strict=True))
             # Untrained ResNets give logits in the thousands; float rounding scales with them.
             rel_diff = diff / max(float(reference.abs().max()), 1e-12)
 
@@ -249,7 +264,9 @@ def benchmark(
         "realized_fraction": speedup / ideal,
         "engine_max_abs_diff": diff,
         "engine_rel_diff": rel_diff,
-        "engine_kernels": "native" if engine.native else "torch",
+        "engine_kernels": kernel_summary(engine.choices),
+        "engine_choices": engine.choices,
+        "engine_executed_macs": executed,
         "masks": masks,
         "samples": n,
         "batch_size": batch_size,
@@ -259,4 +276,4 @@ def benchmark(
     }
 
 
-__all__ = ["MASKS", "benchmark", "collect_masks", "describe_machine", "machine_info", "time_calls"]
+__all__ = ["MASKS", "benchmark", "collect_masks", "describe_machine", "kernel_summary", "machine_info", "time_calls"]

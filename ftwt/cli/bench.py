@@ -59,7 +59,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     timing.add_argument("--round-to", type=positive(int), default=1,
                         help="engine: round active channel counts up to a multiple of K")
     timing.add_argument("--kernel", default="auto", choices=("auto", "native", "torch"),
-                        help="engine kernels: native (fused, compiled once), torch (PyTorch ops), or auto")
+                        help="engine kernels: auto (the fastest per layer, timed on the first input), native (fused, "
+                             "compiled once) or torch (PyTorch ops)")
     timing.add_argument("--min-run-time", type=float, default=1.0, help="seconds of timing per variant, at least")
     timing.add_argument("--importance", default="l1", choices=("l1", "l2", "random"),
                         help="channel ranking of the static model")
@@ -128,9 +129,11 @@ def _rows(out: dict[str, Any]) -> list[tuple[str, str]]:
                     f"{out['device']}"),
         ("MACs", f"dense {out['dense_macs'] / 1e6:.2f}M, dynamic {out['dynamic_macs'] / 1e6:.2f}M "
                  f"({out['flops_reduction']:.1%} reduction), static {out['static_macs'] / 1e6:.2f}M"),
+        ("engine_macs", f"{out['engine_executed_macs'] / 1e6:.2f}M executed (FlopCounterMode; gates' pooling "
+                        "not counted; above the honest count where units run densely)"),
         ("dense_ms", f"{out['dense_ms']:.3f}"),
         ("masked_ms", f"{out['masked_ms']:.3f} ({out['masked_speedup']:.2f}x)"),
-        ("engine_ms", f"{out['engine_ms']:.3f} ({out['engine_kernels']} kernels; logits vs masked: max |diff| "
+        ("engine_ms", f"{out['engine_ms']:.3f} (kernels: {out['engine_kernels']}; logits vs masked: max |diff| "
                       f"{out['engine_max_abs_diff']:.1e}, relative {out['engine_rel_diff']:.1e})"),
         ("static_ms", f"{out['static_ms']:.3f} ({out['static_speedup']:.2f}x)"),
         ("ideal_speedup", f"{out['ideal_speedup']:.2f}x (dense / dynamic MACs)"),

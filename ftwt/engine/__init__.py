@@ -10,7 +10,14 @@ option-A channel padding and concatenation only move indices, and a value is wid
 full width only where an op needs it (flatten, linear layers, unknown ops). The
 multiply-adds done for one sample are exactly those :class:`ftwt.flops.FlopsMeter` counts.
 
-Kernels (chosen per call from the shape, on CPU):
+Each convolution can run three ways: ``native`` (the fused kernels below where they apply),
+``torch`` (PyTorch's ops on the kept block) and, for a gated unit, ``dense`` (every filter
+from every input, the skipped ones dropped afterwards: faster for units that keep nearly
+all their filters, with more multiply-adds than the honest count; see
+:meth:`SparseEngine.executed_macs`). ``kernel="auto"`` times them on the first input and
+keeps the fastest per convolution (:mod:`ftwt.engine._choose`, :attr:`SparseEngine.choices`).
+
+Kernels of the sparse ways (chosen per call from the shape, on CPU):
     * ``N*H'*W' <= 1024`` with a partial block (every gated layer of the CIFAR models, and
       ResNet-18's stages from 28x28 down at 224x224, at batch 1): im2col, then the native
       ``ftwt::gather_mm`` (``csrc/kernels.cpp``), which streams the chunks of each kept

@@ -15,8 +15,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ftwt._ops import ACTIVATIONS
-from ftwt.engine import _native
+from ftwt.engine import _choose, _native
 from ftwt.engine._compact import Compact, live_channels
+from ftwt.engine._grouped import depthwise, grouped
 from ftwt.engine.fold import fold_bn
 from ftwt.errors import ConfigError, UnsupportedLayerError
 from ftwt.unit import GatedUnit
@@ -43,6 +44,12 @@ def _im2col(x: Tensor, k: tuple[int, int], stride: tuple[int, int], dil: tuple[i
     return view.reshape(c * k[0] * k[1], n * out_hw[0] * out_hw[1])
 
 
+def _uses_onednn(x: Tensor, kernel: tuple[int, int]) -> bool:
+    """PyTorch's rule for ``conv2d`` through oneDNN at batch 1; below it, its own im2col + GEMM
+    (for which a channels-last copy of the input would only be copied back)."""
+    return x.numel() > 20480 or min(kernel) > 3
+
+
 class SparseConv:
     """A convolution (+ folded BN, + optional gate, + optional activation) on :class:`Compact` values.
 
@@ -55,7 +62,7 @@ class SparseConv:
         round_to: round each kept-filter count up to a multiple of this (extra filters are
             computed, then zeroed).
         trim_inputs: drop input channels that are all zero before computing.
-        native: use the fused native kernel (:mod:`ftwt.engine._native`) on small maps.
+        native: the fused native kernels (:mod:`ftwt.engine._native`) may be used (mode "native").
     """
 
     def __init__(
@@ -92,7 +99,7 @@ class SparseConv:
         self.weight_cl = self.weight.contiguous(memory_format=torch.channels_last) if dense_kernel else None
         self._seen: set[tuple[int, ...]] = set()
         native = native and weight.dtype == torch.float32 and weight.device.type == "cpu"
-        self.native = native and self.groups == 1  # gather_mm
+        self.can_native = native and self.groups == 1  # gather_mm
         if native:
             self.w2d = self.weight.view(self.c_out, self.in_per_group * kk)
             self.all_out = torch.arange(self.c_out)
@@ -104,7 +111,23 @@ class SparseConv:
         # The fused paths compute the reference gate (average pool, one linear layer); the
         # native one also decides by threshold. Other gates run as the model's own module.
         self.fused_gate = unit is not None and unit.gate.is_reference and self.gate_pool == 1
-        self.native_gate = native and self.fused_gate and unit.config.rule == "threshold" and trim_inputs
+        self.can_native_gate = native and self.fused_gate and unit.config.rule == "threshold" and trim_inputs
+        # Ways to run this layer that SparseEngine(kernel="auto") times against each other.
+        with_native = self.can_native or self.can_native_gate
+        self.modes = ("torch",) + (("native",) if with_native else ()) + (("dense",) if unit is not None else ())
+        self.set_mode("native" if with_native else "torch")
+        self.pending = False  # set by the engine: choose the mode on the next call
+        self.times: dict[str, float] = {}  # seconds per mode of the last choice
+
+    def set_mode(self, mode: str) -> None:
+        """How to compute: ``"native"`` (fused kernels on small maps), ``"torch"`` (PyTorch's ops on
+        the kept block) or ``"dense"`` (every filter from every input, then the kept filters)."""
+        if mode not in self.modes:
+            raise ConfigError(f"{self.name}: mode {mode!r} is not available here; choose from {list(self.modes)}")
+        self.mode = mode
+        self.native = self.can_native and mode == "native"
+        # The fused native gate serves the dense mode too: it is the gate, not the product.
+        self.native_gate = self.can_native_gate and mode != "torch"
 
     def _padding(self, conv: nn.Conv2d) -> tuple[int, int]:
         if not isinstance(conv.padding, str):
@@ -198,6 +221,19 @@ class SparseConv:
         w, b = self._gather(inp, out)
         return self._compute(x, w, b, hw)
 
+    def _all_filters(self, x: Compact, out: Tensor | None, hw: tuple[int, int]) -> Tensor:
+        """Every filter from the full-width input (one fixed shape, so oneDNN compiles its kernel
+        once), then the kept filters: more multiply-adds than the honest count, for units that
+        keep (nearly) all their filters, where that runs faster."""
+        data = x.dense()
+        if self.groups == 1:
+            y = self._compute(data, self.weight, self.bias, hw)
+        elif self.padding_mode == "zeros":
+            y = F.conv2d(data, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+        else:
+            y = F.conv2d(self._pad(data), self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
+        return y if out is None else y.index_select(1, out)
+
     def _fused(self, x: Tensor, inp: Tensor | None, out: Tensor | None, hw: tuple[int, int]) -> Tensor:
         """``conv2d(x, W[out][:, inp], b[out])`` by the native kernels: no copy of the weight block."""
         n = x.shape[0]
@@ -241,7 +277,7 @@ class SparseConv:
             xs = x if sh == sw == 1 else x[:, :, ::sh, ::sw]
             cols = xs.reshape(cin, rows) if n == 1 else xs.transpose(0, 1).reshape(cin, rows)
             return self._gemm(cols, w.reshape(o, cin), b, n, hw)
-        if w is self.weight and self.weight_cl is not None and rows > GEMM_ROWS_MAX_POSITIONS:
+        if w is self.weight and self.weight_cl is not None and rows > GEMM_ROWS_MAX_POSITIONS and _uses_onednn(x, self.kernel):
             # Every filter from every input: one fixed shape, so oneDNN compiles its kernel once;
             # in channels-last it beats NCHW conv2d and im2col + GEMM. The
             # output stays channels-last; later ops read it through its strides.
@@ -277,7 +313,7 @@ class SparseConv:
         runs faster through oneDNN than through im2col + MKL's GEMM.
         """
         kh, kw = self.kernel
-        if not (x.numel() > 20480 or min(kh, kw) > 3):  # PyTorch's rule for oneDNN at batch 1
+        if not _uses_onednn(x, self.kernel):
             return x.shape[0] == 1 and self.groups == 1
         return self._seen_before(x, out)
 
@@ -289,50 +325,6 @@ class SparseConv:
         if len(self._seen) < _SEEN_SHAPES:
             self._seen.add(key)
         return False
-
-    def _depthwise(self, x: Compact, out: Tensor | None, hw: tuple[int, int]) -> Tensor:
-        """One input channel per group: compute the kept filters whose input is live, bias for the rest."""
-        m = self.out_per_group
-        outs = out if out is not None else torch.arange(self.c_out, device=x.data.device)
-        if x.idx is None and m == 1:
-            src, valid = outs, None
-        else:
-            pos = torch.full((self.c_in,), -1, dtype=torch.long, device=x.data.device)
-            pos[x.indices()] = torch.arange(x.data.shape[1], device=x.data.device)
-            src = pos[outs // m]
-            valid = src >= 0
-            if bool(valid.all()):
-                valid = None
-        both = outs if valid is None else outs[valid]
-        if both.numel() == 0:
-            return self._bias_only(out, x.data.shape[0], hw, x.data)
-        src = src if valid is None else src[valid]
-        same = m == 1 and src.numel() == x.data.shape[1]  # every live input feeds a kept filter, in order
-        xs = x.data if same else x.data.index_select(1, src)
-        w = self.weight.index_select(0, both)
-        b = self.bias.index_select(0, both) if self.bias is not None else None
-        if self.padding_mode == "zeros":
-            y = F.conv2d(xs, w, b, self.stride, self.padding, self.dilation, both.numel())
-        else:
-            y = F.conv2d(self._pad(xs), w, b, self.stride, 0, self.dilation, both.numel())
-        if valid is None:
-            return y
-        full = self._bias_only(out, x.data.shape[0], hw, x.data)
-        return full.index_copy_(1, valid.nonzero().squeeze(1), y)
-
-    def _grouped(self, x: Compact, out: Tensor | None, hw: tuple[int, int]) -> Tensor:
-        """General grouped convolution: one GEMM per group (rare in practice, so kept simple)."""
-        inp, outs = x.indices(), out if out is not None else torch.arange(self.c_out, device=x.data.device)
-        pieces = []
-        for g in range(self.groups):
-            in_g = ((inp >= g * self.in_per_group) & (inp < (g + 1) * self.in_per_group)).nonzero().squeeze(1)
-            out_g = outs[(outs >= g * self.out_per_group) & (outs < (g + 1) * self.out_per_group)]
-            if out_g.numel():
-                xg = x.data.index_select(1, in_g)
-                pieces.append(self._dense_block(xg, inp[in_g] - g * self.in_per_group, out_g, hw))
-        if not pieces:
-            return x.data.new_zeros((x.data.shape[0], 0, *hw))
-        return torch.cat(pieces, 1)
 
     def _gate_and_trim(self, x: Compact) -> tuple[Compact, Tensor]:
         """Gate logits and the live input channels from one reduction (non-negative 4-D input, ``pool = 1``).
@@ -368,6 +360,9 @@ class SparseConv:
         return x, logits, kept
 
     def __call__(self, x: Compact, masks: dict[str, Tensor] | None = None) -> Compact:
+        if self.pending:  # kernel="auto": time every mode on this first input, keep the fastest
+            self.pending = False
+            self.times = _choose.choose(self, x, masks)
         out, mask, extra = None, None, False
         if self.native_gate and x.nonneg and x.data.dim() == 4 and x.data.shape[0] == 1 and x.data.shape[1] and x.data.dtype == torch.float32:
             x, logits, kept = self._gate_and_trim_native(x)
@@ -384,12 +379,14 @@ class SparseConv:
         n = x.data.shape[0]
         if out is not None and out.numel() == 0:
             return Compact(x.data.new_zeros((n, 0, *hw)), out, self.c_out, True)
-        if self.groups == 1:
+        if self.mode == "dense":
+            y = self._all_filters(x, out, hw)
+        elif self.groups == 1:
             y = self._dense_block(x.data, x.idx, out, hw)
         elif self.in_per_group == 1:
-            y = self._depthwise(x, out, hw)
+            y = depthwise(self, x, out, hw)
         else:
-            y = self._grouped(x, out, hw)
+            y = grouped(self, x, out, hw)
         if mask is not None and (n > 1 or extra):
             # Filters kept for another sample of the batch (or only for rounding) are zero here.
             y = y * (mask if out is None else mask.index_select(1, out)).to(y.dtype)[:, :, None, None]

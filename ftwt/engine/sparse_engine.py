@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import functools
+import logging
+from collections import Counter
 from typing import Any
 
 import torch
@@ -15,6 +18,8 @@ from ftwt.errors import ConfigError, UnsupportedLayerError
 from ftwt.surgery import gated_units, is_gated
 
 BATCH_MODES = ("loop", "union")
+
+log = logging.getLogger(__name__)
 
 
 class SparseEngine:
@@ -38,11 +43,19 @@ class SparseEngine:
             union of its samples' filters, masked per sample afterwards (more multiply-adds,
             fewer, larger calls). Union wins for small inputs, where per-call overhead
             dominates; loop for large ones (README, "Real speedup").
-        kernel: ``"auto"`` (default): on CPU, layers with small maps use a fused native
-            gather + product kernel, compiled on first use (C++ compiler and ``ninja``,
-            once, cached), or PyTorch's ops with a warning where it cannot be built;
-            ``"native"``: the same, but fail if it cannot be built; ``"torch"``: PyTorch's
-            ops only. Outputs and multiply-adds are the same either way.
+        kernel: ``"auto"`` (default): each convolution is timed on the first input (or
+            ``example``) every way it can run and keeps the fastest (:attr:`choices`): the
+            fused native kernels (compiled on first use for this CPU's vector ISA: C++
+            compiler and ``ninja``, once, cached; a warning where they cannot be built),
+            PyTorch's ops on the kept block (the fallback, replaced only by a measurably
+            faster way), or, for a gated unit, every filter densely with the skipped ones
+            dropped afterwards (more multiply-adds than the honest count, see
+            :meth:`executed_macs`, for units that keep nearly all their filters).
+            ``"native"``: the native kernels, failing if they cannot be built; ``"torch"``:
+            PyTorch's ops only. Outputs are the same either way; with ``"native"`` and
+            ``"torch"`` the multiply-adds are exactly the honest count.
+        example: an input to choose the kernels on now (``kernel="auto"``); without it they
+            are chosen on the first call, which then takes longer.
 
     Raises:
         ConfigError: the model has no gates, is in training mode, or an option is invalid.
@@ -56,7 +69,8 @@ class SparseEngine:
         True
     """
 
-    def __init__(self, model: nn.Module, *, round_to: int = 1, batch: str = "loop", kernel: str = "auto") -> None:
+    def __init__(self, model: nn.Module, *, round_to: int = 1, batch: str = "loop", kernel: str = "auto",
+                 example: Tensor | None = None) -> None:
         if not is_gated(model):
             raise ConfigError("SparseEngine needs a gated model; call ftwt.attach_gates(model) first")
         if model.training:
@@ -77,6 +91,50 @@ class SparseEngine:
         if len(self.plan.inputs) != 1:
             raise UnsupportedLayerError(f"the engine runs models with one input, {type(model).__name__} has {len(self.plan.inputs)}")
         self.unit_names = frozenset(units)
+        self.model = model  # what save() writes
+        if kernel == "auto":
+            self.calibrate(example)
+
+    @property
+    def choices(self) -> dict[str, str]:
+        """How each convolution runs: ``{name: "native" | "torch" | "dense"}`` (``"pending"`` until chosen)."""
+        return {name: "pending" if conv.pending else conv.mode for name, conv in self.plan.convs.items()}
+
+    @property
+    def timings(self) -> dict[str, dict[str, float]]:
+        """The seconds per mode that ``kernel="auto"`` measured for each convolution (empty before)."""
+        return {name: dict(conv.times) for name, conv in self.plan.convs.items() if conv.times}
+
+    def calibrate(self, example: Tensor | None = None, masks: dict[str, Tensor] | None = None) -> None:
+        """Choose each convolution's kernel by timing on ``example`` (or on the next call when None)."""
+        for conv in self.plan.convs.values():
+            conv.pending = len(conv.modes) > 1
+        if example is not None:
+            self.forward(example[:1], None if masks is None else {k: m[:1] for k, m in masks.items()})
+
+    def set_choices(self, choices: dict[str, str]) -> None:
+        """Run each named convolution in the given mode (as :attr:`choices` gives them), without timing."""
+        unknown = sorted(set(choices) - set(self.plan.convs))
+        if unknown:
+            raise ConfigError(f"kernel choices for unknown convolution(s) {unknown}")
+        for name, mode in choices.items():
+            conv = self.plan.convs[name]
+            conv.pending = False
+            conv.set_mode(mode)
+
+    def executed_macs(self, x: Tensor, masks: dict[str, Tensor] | None = None) -> float:
+        """Multiply-adds the engine performs on ``x``, per sample, as ``FlopCounterMode`` counts them.
+
+        With ``kernel="native"`` or ``"torch"`` this is the honest count of
+        :class:`ftwt.flops.FlopsMeter` minus the gates' pooling (which ``FlopCounterMode``
+        does not count); ``"auto"`` may run some units densely and do more.
+        """
+        from torch.utils.flop_counter import FlopCounterMode
+
+        counter = FlopCounterMode(display=False)
+        with counter:
+            self.forward(x, masks)
+        return counter.get_total_flops() / 2 / max(1, x.shape[0])
 
     def __call__(self, x: Tensor, masks: dict[str, Tensor] | None = None) -> Any:
         return self.forward(x, masks)
@@ -110,6 +168,13 @@ class SparseEngine:
             return torch.cat(outs)
 
     def _run(self, x: Tensor, masks: dict[str, Tensor] | None) -> Any:
+        pending = any(conv.pending for conv in self.plan.convs.values())
+        out = self._steps(x, masks)
+        if pending:
+            _report_choices(self.choices, self.native)
+        return out
+
+    def _steps(self, x: Tensor, masks: dict[str, Tensor] | None) -> Any:
         env: list[Any] = [None] * self.plan.num_slots
         env[0] = masks
         env[self.plan.inputs[0]] = Compact(x, None, x.shape[1]) if isinstance(x, Tensor) and x.dim() >= 3 else x
@@ -118,3 +183,15 @@ class SparseEngine:
             for slot in dead:
                 env[slot] = None
         return widen(env[self.plan.output])
+
+
+def _report_choices(choices: dict[str, str], native: bool) -> None:
+    counts = Counter(choices.values())
+    log.info("ftwt engine: kernels chosen by timing: %s", ", ".join(f"{m} {c}" for m, c in sorted(counts.items())))
+    if native and not counts.get("native"):
+        _say_once("the native kernels were slower than PyTorch's ops on every layer here; running PyTorch's ops")
+
+
+@functools.cache
+def _say_once(message: str) -> None:
+    log.warning("ftwt engine: %s", message)

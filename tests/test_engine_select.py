@@ -1,0 +1,98 @@
+"""Kernel choice of SparseEngine(kernel="auto"): never slower than the fallback, recorded, and honest about MACs."""
+
+import copy
+import logging
+
+import pytest
+import torch
+from conftest import randomize_bn
+from torch.utils.flop_counter import FlopCounterMode
+
+from ftwt import ConfigError, GateConfig, attach_gates, gated_units, get_model
+from ftwt.engine import SparseEngine, _choose
+from ftwt.engine import sparse_engine as engine_module
+from ftwt.surgery import detach_gates
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _model(name="resnet20", threshold=0.9):
+    return attach_gates(randomize_bn(get_model(name, num_classes=10)), GateConfig(threshold=threshold)).eval()
+
+
+def _close(out, ref):
+    return torch.allclose(out, ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
+
+
+@pytest.mark.parametrize("times,expected", [
+    ({"torch": 1.0, "native": 0.5, "dense": 0.8}, "native"),
+    ({"torch": 1.0, "native": 2.0, "dense": 0.3}, "dense"),
+    ({"torch": 1.0, "native": 3.0, "dense": 4.0}, "torch"),
+    ({"torch": 1.0, "native": 0.97}, "torch"),  # within the noise margin: the fallback stays
+    ({"torch": 1.0}, "torch"),
+])
+def test_pick_takes_the_fastest_only_when_it_beats_the_fallback(times, expected):
+    assert _choose.pick(times) == expected
+    assert times[_choose.pick(times)] <= times["torch"]
+
+
+def test_auto_with_mocked_timings_never_runs_a_mode_slower_than_torch(monkeypatch, caplog):
+    # A CPU where the native kernels are slow everywhere and dense wins on wide layers.
+    def fake(conv, mode, x, masks):
+        return {"torch": 1.0, "native": 5.0, "dense": 0.5 if conv.c_out >= 64 else 2.0}[mode]
+
+    monkeypatch.setattr(_choose, "measure", fake)
+    engine_module._say_once.cache_clear()
+    model = _model()
+    x = torch.randn(1, 3, 32, 32)
+    with caplog.at_level(logging.INFO, logger="ftwt.engine.sparse_engine"):
+        engine = SparseEngine(model, example=x)
+    choices = engine.choices
+    assert "native" not in choices.values() and "pending" not in choices.values()
+    for name, conv in engine.plan.convs.items():
+        assert engine.timings[name][choices[name]] <= engine.timings[name]["torch"], name
+        wide = conv.unit is not None and conv.c_out >= 64
+        assert choices[name] == ("dense" if wide else "torch"), name
+    assert "kernels chosen by timing" in caplog.text
+    if engine.native:  # said once, not silently
+        assert caplog.text.count("slower than PyTorch's ops") == 1
+    batch = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        assert _close(engine(x), model(x))
+        assert _close(engine(batch), model(batch))
+
+
+def test_real_choice_is_recorded_and_not_slower_than_torch():
+    model = _model()
+    x = torch.randn(1, 3, 32, 32)
+    engine = SparseEngine(model)
+    assert set(engine.choices.values()) == {"pending"}
+    with torch.no_grad():
+        out = engine(x)  # the first call chooses
+        assert _close(out, model(x))
+    assert "pending" not in engine.choices.values()
+    for name, times in engine.timings.items():
+        assert set(times) == set(engine.plan.convs[name].modes)
+        assert times[engine.choices[name]] <= times["torch"]
+    fixed = SparseEngine(model, kernel="torch")
+    assert set(fixed.choices.values()) == {"torch"} and fixed.timings == {}
+
+
+def test_dense_units_report_their_executed_macs():
+    model = _model(threshold=0.8)
+    x = torch.randn(1, 3, 32, 32)
+    engine = SparseEngine(model, kernel="torch")
+    honest = engine.executed_macs(x)
+    engine.set_choices({u.name: "dense" for u in gated_units(model)})
+    with torch.no_grad():
+        assert _close(engine(x), model(x))
+    # Every gated unit dense: the dense model's multiply-adds plus the gates' linear layers.
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        detach_gates(copy.deepcopy(model))(x)
+    gates = sum(u.gate.fc.weight.numel() for u in gated_units(model))
+    assert engine.executed_macs(x) == counter.get_total_flops() // 2 + gates > honest
+    with pytest.raises(ConfigError, match="unknown"):
+        engine.set_choices({"nope": "dense"})
+    with pytest.raises(ConfigError, match="mode"):
+        engine.set_choices({gated_units(model)[0].name: "fast"})
