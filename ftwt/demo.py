@@ -45,6 +45,7 @@ class DemoConfig:
     device: str = "auto"  # CUDA if present, else CPU
     threads: int | None = 1  # CPU threads; at 16 px a second one saves little and, on shared cores, costs more
     progress: bool = True  # tqdm bars
+    sweep_masses: tuple[float, ...] = (0.75, 0.85, 0.95)  # --sweep: the thresholds r of the small sweep
 
 
 def _summary(report: dict[str, Any]) -> dict[str, Any]:
@@ -107,6 +108,33 @@ def run_demo(config: DemoConfig | None = None) -> dict[str, Any]:
         torch.set_num_threads(threads)
 
 
+def run_demo_sweep(config: DemoConfig | None = None) -> list[dict[str, Any]]:
+    """``ftwt demo --sweep``: the dense model, then :func:`ftwt.sweep.run_sweep` on the embedded digits.
+
+    Every method at each of ``sweep_masses``, fine-tuned for ``ftwt_epochs``; writes
+    ``OUT/sweep/sweep.csv`` and ``OUT/sweep/sweep.png`` and returns the rows.
+    """
+    from ftwt.sweep import SweepConfig, run_sweep
+
+    cfg = config or DemoConfig()
+    threads = torch.get_num_threads()
+    if cfg.threads is not None:
+        torch.set_num_threads(cfg.threads)
+    try:
+        out = Path(cfg.out_dir)
+        data = dict(dataset="digits", image_size=cfg.image_size, train_subset=cfg.train_subset,
+                    batch_size=cfg.batch_size, workers=0, seed=cfg.seed, device=cfg.device)
+        dense = out / "dense" / "last.pt"
+        log.info("dense %s on digits, %d epochs", cfg.model, cfg.dense_epochs)
+        Trainer(TrainConfig(dense=True, model=cfg.model, epochs=cfg.dense_epochs, out_dir=str(dense.parent),
+                            overwrite=True, progress=cfg.progress, **data)).fit()
+        return run_sweep(SweepConfig(init=str(dense), model=cfg.model, masses=cfg.sweep_masses,
+                                     epochs=cfg.ftwt_epochs, out_dir=str(out / "sweep"), train=data,
+                                     latency_seconds=0.5, progress=cfg.progress))
+    finally:
+        torch.set_num_threads(threads)
+
+
 def _run(cfg: DemoConfig) -> dict[str, Any]:
     from ftwt.plots import plot_accuracy_vs_flops
 
@@ -160,4 +188,4 @@ def _run(cfg: DemoConfig) -> dict[str, Any]:
     return result
 
 
-__all__ = ["DemoConfig", "run_demo"]
+__all__ = ["DemoConfig", "run_demo", "run_demo_sweep"]

@@ -164,4 +164,60 @@ def plot_training(metrics: Sequence[dict[str, Any]], path: str | os.PathLike) ->
     return _save(fig, path)
 
 
-__all__ = ["plot_accuracy_vs_flops", "plot_per_layer", "plot_training"]
+# sweep method -> (marker, colour, legend label, dashed): dynamic solid, bounds and static dashed
+_SWEEP_STYLES = {
+    "ftwt": ("o", "tab:blue", "FTWT (paper mode)", False),
+    "uniform": ("v", "tab:purple", "FTWT, uniform criterion", False),
+    "ftwt+": ("D", "tab:red", "ftwt+ (recommended)", False),
+    "oracle": ("*", "tab:gray", "oracle (perfect gates, not deployable)", True),
+    "static": ("^", "tab:orange", "static, all channel groups", True),
+    "static-inner": ("s", "tab:brown", "static, blocks' inner channels", True),
+}
+
+
+def plot_sweep(rows: Sequence[dict[str, Any]], path: str | os.PathLike, title: str | None = None) -> Path:
+    """A sweep's trade-off: top-1 against honest FLOPs reduction, and against measured latency.
+
+    Args:
+        rows: the rows of ``sweep.csv`` (:mod:`ftwt.sweep`): ``method``, ``achieved_reduction``,
+            ``top1`` and ``latency_ms`` (None where not measured); the ``dense`` row is drawn
+            as a horizontal line (and its latency as a vertical one).
+        path: image file to write.
+        title: figure title.
+
+    Returns:
+        ``path``.
+    """
+    if not rows:
+        raise ConfigError("no rows to plot")
+    fig = _figure(12.0, 4.6)
+    panels = [("achieved_reduction", 100.0, "honest FLOPs reduction (%, gates included)"),
+              ("latency_ms", 1.0, "batch-1 CPU latency (ms)")]
+    dense = next((r for r in rows if r["method"] == "dense"), None)
+    for i, (key, scale, label) in enumerate(panels):
+        ax = fig.add_subplot(1, 2, i + 1)
+        for method, (marker, colour, legend, dashed) in _SWEEP_STYLES.items():
+            points = sorted((scale * float(r[key]), float(r["top1"])) for r in rows
+                            if r["method"] == method and r.get(key) is not None)
+            if points:
+                ax.plot(*zip(*points, strict=True), marker=marker, color=colour, label=legend,
+                        linestyle="--" if dashed else "-", linewidth=1.2)
+        if dense is not None:
+            ax.axhline(float(dense["top1"]), color="black", linewidth=1, linestyle=":",
+                       label=f"dense ({float(dense['top1']):.2f}%)")
+            if key == "latency_ms" and dense.get(key) is not None:
+                ax.axvline(float(dense[key]), color="black", linewidth=1, linestyle=":")
+        ax.set_xlabel(label)
+        ax.set_ylabel("top-1 accuracy (%)")
+        ax.grid(alpha=0.3)
+        if not ax.lines:
+            ax.text(0.5, 0.5, "not measured", transform=ax.transAxes, ha="center")
+        else:
+            ax.legend(fontsize=7)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+__all__ = ["plot_accuracy_vs_flops", "plot_per_layer", "plot_sweep", "plot_training"]

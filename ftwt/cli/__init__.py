@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from ftwt.errors import FTWTError
 
 # Subcommand modules under ftwt.cli, in the order ``ftwt --help`` lists them.
-COMMANDS = ("flops", "estimate", "eval", "train", "demo", "bench")
+COMMANDS = ("flops", "estimate", "eval", "train", "sweep", "demo", "bench")
 
 # One runnable example per subcommand, shown at the end of its --help.
 EXAMPLES = {
@@ -23,6 +23,7 @@ EXAMPLES = {
     "estimate": "ftwt estimate --model resnet20 --mass 0.9 --samples 64",
     "eval": "ftwt eval --checkpoint runs/train/best.pt",
     "train": "ftwt train --model resnet20 --epochs 2 --train-subset 256 --out runs/quick",
+    "sweep": "ftwt sweep --model resnet20 --init runs/dense/best.pt --masses 0.8,0.9 --epochs 10 --out runs/sweep",
     "demo": "ftwt demo --out runs/demo",
     "bench": "ftwt bench --model resnet20 --mass 0.8 --samples 8",
 }

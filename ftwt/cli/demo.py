@@ -8,7 +8,8 @@ from __future__ import annotations
 import argparse
 
 from ftwt.cli._common import print_json, print_table, unit_interval
-from ftwt.demo import DemoConfig, run_demo
+from ftwt.cli.sweep import print_sweep
+from ftwt.demo import DemoConfig, run_demo, run_demo_sweep
 from ftwt.errors import ConfigError
 
 _DEFAULTS = DemoConfig()
@@ -33,6 +34,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=int, default=_DEFAULTS.threads, help="CPU threads (default 1: fast on shared cores)")
     p.add_argument("--device", default=_DEFAULTS.device, help="auto, cpu or cuda")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+    p.add_argument("--sweep", action="store_true",
+                   help="instead: a small sweep (every method at several thresholds) into OUT/sweep/sweep.csv and .png")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=run)
 
@@ -42,11 +45,19 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("--dense-epochs and --ftwt-epochs must be positive")
     if args.threads is not None and args.threads <= 0:
         raise ConfigError(f"--threads must be positive, got {args.threads}")
-    result = run_demo(DemoConfig(out_dir=args.out, model=args.model, threshold=args.mass, rho=args.rho,
-                                 dense_epochs=args.dense_epochs, ftwt_epochs=args.ftwt_epochs,
-                                 calibrate=args.calibrate, image_size=args.image_size,
-                                 train_subset=args.train_subset, seed=args.seed, device=args.device, threads=args.threads,
-                                 progress=args.progress))
+    config = DemoConfig(out_dir=args.out, model=args.model, threshold=args.mass, rho=args.rho,
+                        dense_epochs=args.dense_epochs, ftwt_epochs=args.ftwt_epochs,
+                        calibrate=args.calibrate, image_size=args.image_size,
+                        train_subset=args.train_subset, seed=args.seed, device=args.device, threads=args.threads,
+                        progress=args.progress)
+    if args.sweep:
+        rows = run_demo_sweep(config)
+        if args.json:
+            print_json(rows)
+        else:
+            print_sweep(rows, f"{args.out}/sweep")
+        return 0
+    result = run_demo(config)
     if args.json:
         print_json(result)
         return 0
