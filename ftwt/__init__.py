@@ -29,6 +29,7 @@ from ftwt.errors import (
 )
 from ftwt.estimate import Estimate, estimate, find_threshold
 from ftwt.evaluate import evaluate
+from ftwt.export import export_model
 from ftwt.flops import FlopsMeter, FlopsReport, LayerFlops, conv_macs, linear_macs, measure
 from ftwt.gate import Gate, GateConfig
 from ftwt.loss import fit_gates, mask_loss
@@ -90,6 +91,7 @@ __all__ = [
     "detach_gates",
     "estimate",
     "evaluate",
+    "export_model",
     "filter_scores",
     "find_threshold",
     "find_units",

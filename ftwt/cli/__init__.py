@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from ftwt.errors import FTWTError
 
 # Subcommand modules under ftwt.cli, in the order ``ftwt --help`` lists them.
-COMMANDS = ("flops", "estimate", "eval", "train", "sweep", "demo", "bench")
+COMMANDS = ("flops", "estimate", "eval", "train", "sweep", "demo", "bench", "export")
 
 # One runnable example per subcommand, shown at the end of its --help.
 EXAMPLES = {
@@ -26,6 +26,7 @@ EXAMPLES = {
     "sweep": "ftwt sweep --model resnet20 --init runs/dense/best.pt --masses 0.8,0.9 --epochs 10 --out runs/sweep",
     "demo": "ftwt demo --out runs/demo",
     "bench": "ftwt bench --model resnet20 --mass 0.8 --samples 8",
+    "export": "ftwt export --checkpoint runs/train/best.pt --format engine --out engine.safetensors",
 }
 
 

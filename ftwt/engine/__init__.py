@@ -21,7 +21,7 @@ Kernels of the sparse ways (chosen per call from the shape, on CPU):
     * ``N*H'*W' <= 1024`` with a partial block (every gated layer of the CIFAR models, and
       ResNet-18's stages from 28x28 down at 224x224, at batch 1): im2col, then the native
       ``ftwt::gather_mm`` (``csrc/kernels.cpp``), which streams the chunks of each kept
-      filter's weight row that its live inputs need, 8 filters x 32 positions at a time in
+      filter's weight row that its live inputs need, a block of filters x positions at a time in
       vector registers, with no copy of the weight block. On small maps each weight is used
       a handful of times, so the ``index_select`` copy of ``W[O][:, I]`` costs as much as the
       product, which the fused kernel avoids; it splits its tiles over the intra-op threads;

@@ -4,7 +4,8 @@
   the weight block out first. On small maps at batch 1 (VGG's 4x4 and 2x2) each weight of
   the block is used a handful of times, so the copy that ``index_select`` + GEMM makes costs
   as much as the product itself; the fused kernel streams the needed chunks of each weight
-  row once, 8 filters x 32 positions at a time.
+  row once, a block of filters x positions at a time held in vector registers, blocked for the
+  build's vector ISA (:func:`isa`: AVX-512, AVX2, SSE or NEON; ``$FTWT_ENGINE_ISA`` picks another).
 * :func:`conv_gather`: im2col with zero padding, then :func:`gather_mm`, in one call.
 * :func:`gate_live` runs a ``pool = 1`` gate and finds its unit's live input channels in one
   call instead of ten small ops.
@@ -23,6 +24,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import logging
+import os
 import platform
 from pathlib import Path
 
@@ -35,20 +37,70 @@ log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("csrc") / "kernels.cpp"
 KERNELS = ("auto", "native", "torch")
-_BUILD_VERSION = 2  # bump when the build flags change
+_BUILD_VERSION = 3  # bump when the build flags change
+
+# Build variants by vector ISA: the kernel's register blocking follows the -march level
+# (csrc/kernels.cpp), so an AVX2 build can be made and tested on any x86-64-v3 machine.
+ISA_FLAGS = {
+    "avx512": ["-march=x86-64-v4", "-mprefer-vector-width=512"],
+    "avx2": ["-march=x86-64-v3"],
+    "x86-64": ["-march=x86-64-v2"],
+    "neon": [],  # AArch64 has NEON at its baseline
+    "generic": [],
+}
+_X86_LEVELS = ("x86-64", "avx2", "avx512")
+_V3 = {"avx", "avx2", "bmi1", "bmi2", "f16c", "fma", "movbe"}
+_V4 = {"avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl"}
+ISA_ENV = "FTWT_ENGINE_ISA"  # build this variant instead of the best one the CPU runs
 
 
-def _build_name() -> str:
-    # -march=native code is only valid on this CPU: key the build by CPU model, source and torch.
-    cpu = platform.processor() or platform.machine()
+def _cpu_flags() -> set[str]:
     try:
         with open("/proc/cpuinfo") as f:
-            cpu = next((line for line in f if line.startswith("model name")), cpu)
+            line = next((line for line in f if line.startswith(("flags", "Features"))), "")
     except OSError:
-        pass
-    key = f"{cpu}|{torch.__version__}|{_BUILD_VERSION}|".encode() + SOURCE.read_bytes()
+        return set()
+    return set(line.partition(":")[2].split())
+
+
+def best_isa() -> str:
+    """The widest vector ISA this CPU runs: ``avx512``, ``avx2``, ``x86-64``, ``neon`` or ``generic``."""
+    machine = platform.machine().lower()
+    if machine in ("x86_64", "amd64"):
+        flags = _cpu_flags()
+        return "avx512" if _V4 | _V3 <= flags else "avx2" if _V3 <= flags else "x86-64"
+    return "neon" if machine in ("aarch64", "arm64") else "generic"
+
+
+def isa() -> str:
+    """The variant the native kernels are built for: ``$FTWT_ENGINE_ISA``, else :func:`best_isa`.
+
+    Raises:
+        DeviceError: the requested variant is unknown or needs instructions this CPU lacks.
+    """
+    best, wanted = best_isa(), os.environ.get(ISA_ENV, "").strip().lower()
+    if not wanted:
+        return best
+    if wanted not in ISA_FLAGS:
+        raise DeviceError(f"{ISA_ENV}={wanted!r} is not a kernel variant; choose from {sorted(ISA_FLAGS)}")
+    runnable = _X86_LEVELS[: _X86_LEVELS.index(best) + 1] if best in _X86_LEVELS else (best, "generic")
+    if wanted not in runnable:
+        raise DeviceError(f"{ISA_ENV}={wanted}: this CPU runs only {list(runnable)}; unset it or pick one of those")
+    return wanted
+
+
+def _build_name(variant: str) -> str:
+    key = f"{variant}|{torch.__version__}|{_BUILD_VERSION}|".encode() + SOURCE.read_bytes()
     digest = hashlib.sha1(key).hexdigest()[:12]
-    return f"ftwt_gather_mm_{digest}"
+    return f"ftwt_kernels_{variant.replace('-', '_')}_{digest}"
+
+
+_loaded: list[str] = []  # the variant built into this process (one: the ftwt op namespace is global)
+
+
+def loaded_isa() -> str | None:
+    """The variant of the native kernels loaded in this process, or None."""
+    return _loaded[0] if _loaded else None
 
 
 @functools.cache
@@ -66,13 +118,15 @@ def _load() -> str | None:
         finally:
             cpp_log.setLevel(level)
 
+        variant = isa()
         # OpenMP: at::parallel_for splits the filters over PyTorch's intra-op threads only
         # when the including code is built with it (PyTorch's own CPU builds use GNU OpenMP).
-        flags = ["-O3", "-fopenmp"]
-        if platform.machine() in ("x86_64", "AMD64"):
-            flags.append("-march=native")
-        load(name=_build_name(), sources=[str(SOURCE)], extra_cflags=flags, extra_ldflags=["-fopenmp"],
+        flags = ["-O3", "-fopenmp", *ISA_FLAGS[variant]]
+        load(name=_build_name(variant), sources=[str(SOURCE)], extra_cflags=flags, extra_ldflags=["-fopenmp"],
              is_python_module=False, verbose=False)
+        _loaded.append(variant)
+    except DeviceError as exc:
+        return str(exc)
     except Exception as exc:  # no compiler, no ninja, a read-only cache folder, ...
         return f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}"
     _register_flop_formula()

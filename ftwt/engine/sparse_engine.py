@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 from collections import Counter
 from typing import Any
 
@@ -84,16 +85,63 @@ class SparseEngine:
         self.round_to, self.batch, self.kernel = round_to, batch, kernel
         on_cpu = all(p.device.type == "cpu" for p in model.parameters())
         self.native = on_cpu and _native.available(kernel)
+        self.isa = _native.loaded_isa() if self.native else None  # the native build's vector ISA
         units = {u.name: u for u in gated_units(model)}
         gm = trace(model)
         with torch.no_grad():
             self.plan = Plan(gm, units, round_to, native=self.native)
+        self.graph_module = gm  # the graph save() writes
         if len(self.plan.inputs) != 1:
             raise UnsupportedLayerError(f"the engine runs models with one input, {type(model).__name__} has {len(self.plan.inputs)}")
         self.unit_names = frozenset(units)
         self.model = model  # what save() writes
         if kernel == "auto":
             self.calibrate(example)
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the engine to one safetensors file that :meth:`load` reads without the model's code.
+
+        The file holds the model's graph, its ``torch.nn`` layers and gates, the weights and
+        the kernel choices (see :mod:`ftwt.engine._artefact`); nothing in it is pickled.
+
+        Raises:
+            UnsupportedLayerError: the model calls a layer outside ``torch.nn`` (its code
+                would be needed to rebuild it) or a function outside ``torch``,
+                ``torch.nn.functional`` and ``operator``.
+        """
+        from ftwt.engine._artefact import save_engine
+
+        save_engine(self, path)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, *, kernel: str | None = None, recalibrate: bool = False) -> SparseEngine:
+        """An engine saved by :meth:`save`, in any process, without the model's class.
+
+        Args:
+            path: the engine file.
+            kernel: the kernel setting (default: the saved one).
+            recalibrate: with ``kernel="auto"``, time the kernels again on the first input
+                instead of reusing the saved choices (do so on a different machine).
+
+        Raises:
+            CheckpointError: not an engine file, damaged or modified since it was saved.
+
+        Example:
+            >>> engine = SparseEngine.load("engine.safetensors")
+            >>> logits = engine(torch.randn(1, 3, 32, 32))
+        """
+        from ftwt.engine._artefact import read_engine_file, rebuild_model
+
+        spec, tensors = read_engine_file(path)
+        options = spec.get("engine", {})
+        kernel = kernel or options.get("kernel", "auto")
+        engine = cls(rebuild_model(spec, tensors), round_to=int(options.get("round_to", 1)),
+                     batch=options.get("batch", "loop"), kernel=kernel)
+        saved = {k: v for k, v in options.get("choices", {}).items() if k in engine.plan.convs}
+        usable = all(mode in engine.plan.convs[k].modes for k, mode in saved.items())
+        if kernel == "auto" and not recalibrate and saved and usable and len(saved) == len(engine.plan.convs):
+            engine.set_choices(saved)
+        return engine
 
     @property
     def choices(self) -> dict[str, str]:

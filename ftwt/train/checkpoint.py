@@ -141,10 +141,13 @@ def load_trained(path: str | os.PathLike) -> tuple[nn.Module, Checkpoint]:
 
 def load_model(name: str | os.PathLike, num_classes: int | None = None, init: str | os.PathLike | None = None, *,
                model: nn.Module | None = None, **model_kwargs: Any) -> nn.Module:
-    """A model by name with dense weights from ``init``, or a checkpoint loaded into your own model.
+    """A model by name with dense weights from ``init``, a trained model from its checkpoint, or a checkpoint
+    loaded into your own model.
 
-    Two forms:
+    Three forms:
 
+    - ``load_model(checkpoint)``: the model a checkpoint of ``ftwt train`` holds, rebuilt with its
+      weights and gates (as :func:`load_trained`, without the checkpoint object), in eval mode.
     - ``load_model(name, num_classes, init=None, **model_kwargs)``: a registry, torchvision or
       ``package.module:factory`` model, with dense weights from ``init`` (any checkpoint or
       state dict; gates left out) if given. ``model_kwargs`` go to the builder, e.g.
@@ -154,6 +157,7 @@ def load_model(name: str | os.PathLike, num_classes: int | None = None, init: st
       one ``ftwt train`` wrote or a plain state dict.
 
     Example:
+        >>> model = load_model("runs/ftwt/best.pt")
         >>> net = load_model("runs/mine/best.pt", model=MyNet())
 
     Raises:
@@ -162,8 +166,13 @@ def load_model(name: str | os.PathLike, num_classes: int | None = None, init: st
     """
     if model is not None:
         return _load_into(model, name)
+    if num_classes is None and init is None and not model_kwargs and Path(name).is_file():
+        return load_trained(name)[0].eval()
+    if num_classes is None and Path(name).suffix in (".pt", ".pth", ".safetensors"):
+        raise ConfigError(f"checkpoint not found: {name}")
     if num_classes is None:
-        raise ConfigError("load_model(name, num_classes): give num_classes, or model= to load a checkpoint into it")
+        raise ConfigError("load_model(name, num_classes): give num_classes, a checkpoint path, or model= to load "
+                          "a checkpoint into it")
     return load_dense(get_model(str(name), num_classes=num_classes, **model_kwargs), init)
 
 

@@ -28,6 +28,30 @@ namespace {
 typedef float v16 __attribute__((vector_size(64)));
 typedef float v8 __attribute__((vector_size(32)));
 typedef float v4 __attribute__((vector_size(16)));
+typedef float v2 __attribute__((vector_size(8)));
+
+// Register blocking per vector ISA (the build variant's -march decides which): kJB filter rows
+// times kNV vectors of positions are accumulated in registers, plus kNV vectors of cols and one
+// broadcast weight, which must fit the register file or the tile spills to the stack.
+#if defined(__AVX512F__)
+typedef v16 VF;  // 32 zmm registers: 8 x 2 accumulators + 2 + 1
+typedef v8 VH;
+constexpr int kJB = 8, kNV = 2;
+#elif defined(__AVX__)
+typedef v8 VF;  // 16 ymm registers: 6 x 2 accumulators + 2 + 1
+typedef v4 VH;
+constexpr int kJB = 6, kNV = 2;
+#elif defined(__aarch64__)
+typedef v4 VF;  // NEON, 32 q registers: 8 x 2 accumulators + 2 + 1
+typedef v2 VH;
+constexpr int kJB = 8, kNV = 2;
+#else
+typedef v4 VF;  // SSE, 16 xmm registers
+typedef v2 VH;
+constexpr int kJB = 6, kNV = 2;
+#endif
+constexpr int kVec = sizeof(VF) / sizeof(float);
+constexpr int kWide = kNV * kVec;  // positions of the widest tile
 
 template <typename V>
 inline V load(const float* p) {
@@ -82,17 +106,16 @@ inline void tile1(const float* const* rows, const int64_t* __restrict in_off, in
   for (int j = 0; j < JB; ++j) y[j * ldy] = acc[j];
 }
 
-// Position tiles: 32, 16, 8 and 4 wide (vectors), then single positions.
-enum Width { W32, W16, W8, W4, W1 };
-constexpr int64_t kWidth[] = {32, 16, 8, 4, 1};
+// Position tiles: kWide, one vector, half a vector wide, then single positions.
+enum Width { WFULL, WONE, WHALF, W1 };
+constexpr int64_t kWidth[] = {kWide, kVec, kVec / 2, 1};
 
 std::vector<std::pair<int64_t, Width>> position_tiles(int64_t positions) {
   std::vector<std::pair<int64_t, Width>> tiles;
   int64_t p = 0;
-  for (; p + 32 <= positions; p += 32) tiles.emplace_back(p, W32);
-  for (; p + 16 <= positions; p += 16) tiles.emplace_back(p, W16);
-  for (; p + 8 <= positions; p += 8) tiles.emplace_back(p, W8);
-  for (; p + 4 <= positions; p += 4) tiles.emplace_back(p, W4);
+  for (; p + kWide <= positions; p += kWide) tiles.emplace_back(p, WFULL);
+  for (; p + kVec <= positions; p += kVec) tiles.emplace_back(p, WONE);
+  for (; p + kVec / 2 <= positions; p += kVec / 2) tiles.emplace_back(p, WHALF);
   for (; p < positions; ++p) tiles.emplace_back(p, W1);
   return tiles;
 }
@@ -101,10 +124,9 @@ template <int JB>
 void run_tile(Width width, const float* const* rows, const int64_t* in_off, int64_t n_in, int64_t taps,
               const float* cols, int64_t positions, int64_t p, const float* bias, float* y, int64_t ldy) {
   switch (width) {
-    case W32: tile<JB, v16, 2>(rows, in_off, n_in, taps, cols, positions, p, bias, y, ldy); break;
-    case W16: tile<JB, v16, 1>(rows, in_off, n_in, taps, cols, positions, p, bias, y, ldy); break;
-    case W8: tile<JB, v8, 1>(rows, in_off, n_in, taps, cols, positions, p, bias, y, ldy); break;
-    case W4: tile<JB, v4, 1>(rows, in_off, n_in, taps, cols, positions, p, bias, y, ldy); break;
+    case WFULL: tile<JB, VF, kNV>(rows, in_off, n_in, taps, cols, positions, p, bias, y, ldy); break;
+    case WONE: tile<JB, VF, 1>(rows, in_off, n_in, taps, cols, positions, p, bias, y, ldy); break;
+    case WHALF: tile<JB, VH, 1>(rows, in_off, n_in, taps, cols, positions, p, bias, y, ldy); break;
     case W1: tile1<JB>(rows, in_off, n_in, taps, cols, positions, p, bias, y, ldy); break;
   }
 }
@@ -138,7 +160,7 @@ at::Tensor gather_mm(const at::Tensor& weight, const at::Tensor& cols, const at:
   const float* c = cols.data_ptr<float>();
   const float* bp = b.defined() ? b.data_ptr<float>() : nullptr;
   float* yp = y.data_ptr<float>();
-  constexpr int JB = 8;  // output rows per tile: 8 x 32 positions fill 16 vector registers
+  constexpr int JB = kJB;
   const int64_t row_blocks = (n_out + JB - 1) / JB;
   const auto tiles = position_tiles(positions);
   // Work items ordered position tile first: consecutive items share one tile of cols, which
@@ -159,15 +181,15 @@ at::Tensor gather_mm(const at::Tensor& weight, const at::Tensor& cols, const at:
       if (nj == JB) {
         run_tile<JB>(width, rows, in, n_in, taps, c, positions, p, bj, yj, positions);
       } else {
-        // A short last block of filters: a 4- or 8-row tile with its last row repeated,
+        // A short last block of filters: a half or full tile with its last row repeated,
         // written to scratch, then its real rows copied (single rows would be load-bound).
-        float scratch[JB * 32];
+        float scratch[JB * kWide];
         const int64_t wide = kWidth[width];
-        if (nj <= 4)
-          run_tile<4>(width, rows, in, n_in, taps, c, positions, p, bj, scratch, 32);
+        if (nj <= JB / 2)
+          run_tile<JB / 2>(width, rows, in, n_in, taps, c, positions, p, bj, scratch, kWide);
         else
-          run_tile<JB>(width, rows, in, n_in, taps, c, positions, p, bj, scratch, 32);
-        for (int64_t j = 0; j < nj; ++j) std::memcpy(yj + j * positions, scratch + j * 32, wide * sizeof(float));
+          run_tile<JB>(width, rows, in, n_in, taps, c, positions, p, bj, scratch, kWide);
+        for (int64_t j = 0; j < nj; ++j) std::memcpy(yj + j * positions, scratch + j * kWide, wide * sizeof(float));
       }
     }
   });
