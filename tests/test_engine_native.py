@@ -2,6 +2,9 @@
 
 import logging
 import os
+import platform
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -149,3 +152,67 @@ def test_without_a_compiler_the_engine_warns_and_uses_torch_ops(monkeypatch, cap
         SparseEngine(model, kernel="native")
     with pytest.raises(ConfigError, match="kernel"):
         SparseEngine(model, kernel="cuda")
+
+
+_VARIANT_CHECK = """
+import os, sys, torch
+from torch.utils.flop_counter import FlopCounterMode
+from ftwt import GateConfig, attach_gates, get_model
+from ftwt.engine import SparseEngine, _native
+torch.set_num_threads(1)
+why = _native._load()
+if why is not None:
+    print("UNAVAILABLE", why)
+    sys.exit(3)
+assert _native.loaded_isa() == os.environ["FTWT_ENGINE_ISA"], _native.loaded_isa()
+g = torch.Generator().manual_seed(0)
+for n_out in (1, 2, 3, 5, 6, 7, 13, 21):  # full, half and repeated-row blocks of any register blocking
+    for positions in (1, 3, 4, 7, 8, 15, 16, 17, 31, 32, 33, 70):
+        taps = 9 if positions % 2 else 1
+        w, bias = torch.randn(21, 5 * taps, generator=g), torch.randn(21, generator=g)
+        outs, ins = torch.randperm(21, generator=g)[:n_out].sort().values, torch.tensor([4, 0, 2])
+        cols = torch.randn(3 * taps, positions, generator=g)
+        ref = w.view(21, 5, taps)[outs][:, ins].reshape(n_out, -1) @ cols + bias[outs, None]
+        got = _native.gather_mm(w, cols, outs, ins, taps, bias)
+        assert torch.allclose(got, ref, rtol=1e-5, atol=1e-5), (n_out, positions)
+model = attach_gates(get_model("vgg11_bn", num_classes=10), GateConfig(threshold=0.85)).eval()
+x = torch.randn(1, 3, 32, 32)
+native, plain = SparseEngine(model, kernel="native"), SparseEngine(model, kernel="torch")
+with torch.no_grad():
+    ref = model(x)
+    assert torch.allclose(native(x), ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
+macs = []
+for engine in (native, plain):
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        engine(x)
+    macs.append(counter.get_total_flops())
+assert macs[0] == macs[1], macs
+print("OK", _native.loaded_isa())
+"""
+
+
+@pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64"), reason="an x86 build variant")
+@pytest.mark.skipif(_native.best_isa() not in ("avx2", "avx512"), reason="the CPU lacks AVX2 (x86-64-v3)")
+def test_the_avx2_build_variant_matches_pytorch_in_outputs_and_macs():
+    # Built with -march=x86-64-v3 in a fresh process (one variant per process), whatever this CPU's best ISA.
+    env = {**os.environ, _native.ISA_ENV: "avx2"}
+    out = subprocess.run([sys.executable, "-c", _VARIANT_CHECK], capture_output=True, text=True, env=env, timeout=600)
+    if out.returncode == 3 and os.environ.get("FTWT_REQUIRE_NATIVE") != "1":
+        pytest.skip(f"the native kernels cannot be built here: {out.stdout.strip()}")
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert out.stdout.strip().splitlines()[-1] == "OK avx2"
+
+
+def test_isa_variant_requests_are_checked(monkeypatch):
+    monkeypatch.setenv(_native.ISA_ENV, "avx1024")
+    with pytest.raises(DeviceError, match="not a kernel variant"):
+        _native.isa()
+    monkeypatch.setattr(_native, "best_isa", lambda: "x86-64")
+    monkeypatch.setenv(_native.ISA_ENV, "avx512")
+    with pytest.raises(DeviceError, match="runs only"):
+        _native.isa()
+    monkeypatch.setenv(_native.ISA_ENV, "x86-64")
+    assert _native.isa() == "x86-64"
+    monkeypatch.delenv(_native.ISA_ENV)
+    assert _native.isa() == "x86-64"
