@@ -5,7 +5,16 @@ gates) on embedded digits samples resized to the model's input, and times the de
 model, the reference-style masked forward, :class:`ftwt.engine.SparseEngine` and a
 Torch-Pruning static model of the same mean FLOPs (see ``benchmarks/README.md``).
 
+The engine runs with ``--kernel auto`` (each convolution timed every way it can run on the
+first sample, the fastest kept), and an engine on PyTorch's ops only is timed beside it
+(``auto/torch``: at most 1 plus noise, the check that the choice never loses). ``kernels``
+counts the convolutions that chose each way; ``exec/honest`` is the multiply-adds the engine
+executed (``FlopCounterMode``) over the honest count, above 1 where units run densely. The
+native kernels are built for one vector ISA per process (``--isa``; default the best this
+CPU runs), named in the table's header.
+
     python benchmarks/bench_engine.py --out benchmarks/results.md
+    python benchmarks/bench_engine.py --isa x86-64      # the SSE build on an AVX2 machine
     python benchmarks/bench_engine.py --quick          # smoke run, under a minute
 """
 
@@ -15,6 +24,7 @@ import argparse
 import copy
 import datetime
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -25,6 +35,7 @@ from ftwt.baselines import prune_to_macs
 from ftwt.bench import benchmark, describe_machine, machine_info
 from ftwt.cli._common import default_input_size
 from ftwt.data import DataConfig, build_datasets
+from ftwt.engine import _native
 from ftwt.flops import measure
 from ftwt.gate import GateConfig
 from ftwt.record import record
@@ -43,7 +54,7 @@ QUICK_THREADS = "1"
 log = logging.getLogger("bench_engine")
 
 COLUMNS = ("model", "threads", "r", "FLOPs red.", "ideal", "dense ms", "masked ms", "engine ms", "static ms",
-           "speedup", "realized/ideal", "engine/static")
+           "speedup", "realized/ideal", "engine/static", "engine/dense", "auto/torch", "kernels", "exec/honest")
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -59,6 +70,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-run-time", type=float, default=None, help="seconds per timing (default 0.5, quick 0.05)")
     p.add_argument("--round-to", type=int, default=1, help="engine: round active channel counts to a multiple")
     p.add_argument("--kernel", default="auto", choices=("auto", "native", "torch"), help="engine kernels")
+    p.add_argument("--isa", default=None, help="native kernel variant: avx512, avx2, x86-64, neon (default: the best here)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--seed", type=int, default=0, help="seed of the untrained weights (masks depend on them)")
     p.add_argument("--quick", action="store_true", help="smoke run: small models, one threshold, short timings")
@@ -86,7 +98,16 @@ def _row(name: str, r: float, res: dict[str, Any]) -> list[str]:
         name, str(res["threads"]), f"{r:g}", f"{res['flops_reduction']:.1%}", f"{res['ideal_speedup']:.2f}x",
         f"{res['dense_ms']:.2f}", f"{res['masked_ms']:.2f}", f"{res['engine_ms']:.2f}", f"{res['static_ms']:.2f}",
         f"{res['speedup']:.2f}x", f"{res['realized_fraction']:.0%}", f"{res['engine_vs_static']:.2f}",
+        f"{res['engine_ms'] / res['dense_ms']:.2f}",
+        f"{res['engine_ms'] / res['engine_torch_ms']:.2f}" if "engine_torch_ms" in res else "-",
+        res["engine_kernels"], f"{res['engine_executed_macs'] / _honest(res):.2f}",
     ]
+
+
+def _honest(res: dict[str, Any]) -> float:
+    # FlopCounterMode does not count the gates' pooling, which the honest count includes;
+    # below 1 only by that pooling.
+    return res["dynamic_macs"]
 
 
 def markdown(rows: list[list[str]], header: str) -> str:
@@ -97,6 +118,8 @@ def markdown(rows: list[list[str]], header: str) -> str:
 
 def main(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr)
+    if args.isa:
+        os.environ[_native.ISA_ENV] = args.isa  # read when the kernels are first built, below
     device = resolve_device(args.device)
     models = [_model_spec(s) for s in (args.models or (QUICK_MODELS if args.quick else DEFAULT_MODELS)).split(",")]
     thresholds = _floats(args.thresholds or (QUICK_THRESHOLDS if args.quick else DEFAULT_THRESHOLDS))
@@ -123,7 +146,7 @@ def main(args: argparse.Namespace) -> int:
                 res = benchmark(
                     model, inputs, masks="ground_truth", batch_size=args.batch_size, threads=t, device=device,
                     round_to=args.round_to, min_run_time=min_run_time, warmup=1 if args.quick else 3,
-                    static_model=static, kernel=args.kernel,
+                    static_model=static, kernel=args.kernel, compare_fallback=args.kernel == "auto",
                 )
                 rows.append(_row(label, r, res))
                 if res["engine_rel_diff"] > 1e-4:
@@ -133,8 +156,10 @@ def main(args: argparse.Namespace) -> int:
 
     info = machine_info(device)
     weights = "trained weights" if inits else "untrained weights"
+    isa = _native.loaded_isa() or "none (PyTorch ops only)"
     header = (
-        f"Machine: {describe_machine(info)}; threads {','.join(map(str, threads))}; batch {args.batch_size}; "
+        f"Machine: {describe_machine(info)}; native kernels: {isa} build (CPU's best: {_native.best_isa()}); "
+        f"threads {','.join(map(str, threads))}; batch {args.batch_size}; "
         f"{device}; {datetime.date.today().isoformat()}. Ground-truth masks (perfect gates) on {samples} digits "
         f"samples, {weights}."
     )

@@ -160,6 +160,7 @@ def benchmark(
     importance: str = "l1",
     static_model: nn.Module | None = None,
     kernel: str = "auto",
+    compare_fallback: bool = False,
 ) -> dict[str, Any]:
     """Time dense, masked, sparse-engine and static-pruned inference of a gated model.
 
@@ -179,6 +180,8 @@ def benchmark(
         importance: channel ranking of the static model (see :mod:`ftwt.baselines`).
         static_model: a static model to time instead of pruning one to the dynamic MACs.
         kernel: the engine's kernels (see :class:`ftwt.engine.SparseEngine`).
+        compare_fallback: also time an engine on PyTorch's ops only (``kernel="torch"``),
+            reported as ``engine_torch_ms``: the check that ``auto`` is not slower.
 
     Returns:
         A flat dict: ``dense_ms``, ``masked_ms``, ``engine_ms``, ``static_ms`` (median ms
@@ -190,6 +193,7 @@ def benchmark(
         ``engine_rel_diff`` (engine against the masked model's logits, on the first batch;
         relative to the largest logit), ``engine_kernels`` (how many convolutions ran each
         way, e.g. ``"native 12, torch 3, dense 2"``), ``engine_choices`` (per convolution),
+        ``engine_isa`` (the native build's vector ISA, None without it),
         ``engine_executed_macs`` (per sample, as ``FlopCounterMode`` counts what the engine
         ran: above the honest ``dynamic_macs`` where units run densely, gates' pooling not
         included), and the setting: ``masks``, ``samples``,
@@ -244,6 +248,9 @@ def benchmark(
             "engine_ms": _cycle(engine, list(zip(batches, replay, strict=True))),
             "static_ms": _cycle(static, [(x,) for x in batches]),
         }
+        if compare_fallback:
+            fallback = SparseEngine(model, round_to=round_to, kernel="torch")
+            timed["engine_torch_ms"] = _cycle(fallback, list(zip(batches, replay, strict=True)))
         # The masked variant runs the gates' own masks; its cost does not depend on which.
         with record(model, masks="gate"):
             ms = time_calls(timed, threads=threads, min_run_time=min_run_time, warmup=warmup)
@@ -265,6 +272,7 @@ def benchmark(
         "engine_max_abs_diff": diff,
         "engine_rel_diff": rel_diff,
         "engine_kernels": kernel_summary(engine.choices),
+        "engine_isa": engine.isa,
         "engine_choices": engine.choices,
         "engine_executed_macs": executed,
         "masks": masks,
