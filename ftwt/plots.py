@@ -197,8 +197,10 @@ def plot_sweep(rows: Sequence[dict[str, Any]], path: str | os.PathLike, title: s
     for i, (key, scale, label) in enumerate(panels):
         ax = fig.add_subplot(1, 2, i + 1)
         for method, (marker, colour, legend, dashed) in _SWEEP_STYLES.items():
-            points = sorted((scale * float(r[key]), float(r["top1"])) for r in rows
-                            if r["method"] == method and r.get(key) is not None)
+            # in order of FLOPs reduction on both panels, so that each line visits the same runs in turn
+            points = [(scale * float(r[key]), float(r["top1"])) for r in
+                      sorted(rows, key=lambda r: float(r["achieved_reduction"] or 0.0))
+                      if r["method"] == method and r.get(key) is not None]
             if points:
                 ax.plot(*zip(*points, strict=True), marker=marker, color=colour, label=legend,
                         linestyle="--" if dashed else "-", linewidth=1.2)
@@ -206,7 +208,7 @@ def plot_sweep(rows: Sequence[dict[str, Any]], path: str | os.PathLike, title: s
             ax.axhline(float(dense["top1"]), color="black", linewidth=1, linestyle=":",
                        label=f"dense ({float(dense['top1']):.2f}%)")
             if key == "latency_ms" and dense.get(key) is not None:
-                ax.axvline(float(dense[key]), color="black", linewidth=1, linestyle=":")
+                ax.scatter([float(dense[key])], [float(dense["top1"])], marker="s", color="black", zorder=3)
         ax.set_xlabel(label)
         ax.set_ylabel("top-1 accuracy (%)")
         ax.grid(alpha=0.3)

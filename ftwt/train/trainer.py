@@ -193,9 +193,9 @@ class Trainer:
                 self.on_cooldown(epoch)
             self.loaders.seed_epoch(epoch)
             position, self._position = self._position, None
-            train = run_epoch(self, epoch, train_gates=self.gated and not self.frozen and cfg.masks == "gate",
-                              start=position)
-            for sched in self.schedulers:
+            gates_train = self.gated and not self.frozen and cfg.masks == "gate"
+            train = run_epoch(self, epoch, train_gates=gates_train, start=position)
+            for sched in self.schedulers[: None if gates_train else 1]:  # a gate lr matters only while they train
                 sched.step()
             report = self.evaluate()
             metrics = {"epoch": epoch + 1, **train, **{f"val_{k}": v for k, v in report.items()
