@@ -1,6 +1,7 @@
 """Deployment: engine files that load without the model's code, checked exports, load_model from a checkpoint."""
 
 import json
+import pickle
 import subprocess
 import sys
 
@@ -212,3 +213,12 @@ def test_cli_export_engine_and_errors(tmp_path, capsys):
     code = main(["export", "--checkpoint", str(tmp_path / "best.pt"), "--format", "torch", "--out", str(out)])
     _, err = capsys.readouterr()
     assert code == 2 and ".pt2" in err and len(err.strip().splitlines()) == 1
+
+
+def test_an_engine_pickles_as_its_engine_file():
+    model, x = _gated("resnet20"), input_for("resnet20", 2)
+    engine = SparseEngine(model, example=x[:1])
+    copy = pickle.loads(pickle.dumps(engine))
+    assert copy.choices == engine.choices
+    with torch.no_grad():
+        assert _rel(copy(x), engine(x)) <= 1e-5

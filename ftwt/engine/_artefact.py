@@ -45,7 +45,16 @@ def _digest(meta: str, tensors: dict[str, torch.Tensor]) -> str:
 
 def save_engine(engine: SparseEngine, path: str | os.PathLike) -> None:
     """Write ``engine`` to ``path`` (safetensors), atomically."""
-    from safetensors.torch import save_file
+    data = engine_bytes(engine)
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def engine_bytes(engine: SparseEngine) -> bytes:
+    """The engine file's content (what :func:`save_engine` writes; what pickling an engine carries)."""
+    from safetensors.torch import save
 
     from ftwt import __version__
 
@@ -77,10 +86,7 @@ def save_engine(engine: SparseEngine, path: str | os.PathLike) -> None:
                    "choices": engine.choices, "isa": engine.isa},
     }
     meta = json.dumps(spec, sort_keys=True)
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file(tensors, str(tmp), metadata={"format": "pt", "ftwt_engine": meta, "ftwt_sha256": _digest(meta, tensors)})
-    os.replace(tmp, path)
+    return save(tensors, metadata={"format": "pt", "ftwt_engine": meta, "ftwt_sha256": _digest(meta, tensors)})
 
 
 def _attr(gm: torch.nn.Module, target: str) -> Any:
@@ -96,27 +102,33 @@ def read_engine_file(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str,
     Raises:
         CheckpointError: missing, not an engine file, or changed since it was saved.
     """
-    from safetensors import safe_open
-
     if not Path(path).is_file():
         raise CheckpointError(f"engine file not found: {path}")
+    return parse_engine(Path(path).read_bytes(), str(path))
+
+
+def parse_engine(data: bytes, where: str = "engine data") -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """:func:`read_engine_file` on the bytes of an engine file."""
+    from safetensors.torch import load
+
     try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
+        # safetensors: an 8-byte little-endian header length, then the JSON header with the metadata.
+        size = int.from_bytes(data[:8], "little")
+        meta = json.loads(data[8 : 8 + size]).get("__metadata__") or {}
+        tensors = load(data)
     except Exception as exc:  # safetensors raises its own error types for damaged headers
-        raise CheckpointError(f"{path} is not a readable engine file ({type(exc).__name__}: {exc})") from exc
+        raise CheckpointError(f"{where} is not a readable engine file ({type(exc).__name__}: {exc})") from exc
     if "ftwt_engine" not in meta or "ftwt_sha256" not in meta:
-        raise CheckpointError(f"{path} is a safetensors file but not an ftwt engine (save one with engine.save)")
+        raise CheckpointError(f"{where} is a safetensors file but not an ftwt engine (save one with engine.save)")
     if _digest(meta["ftwt_engine"], tensors) != meta["ftwt_sha256"]:
-        raise CheckpointError(f"{path} was modified or damaged after it was saved (checksum mismatch); "
+        raise CheckpointError(f"{where} was modified or damaged after it was saved (checksum mismatch); "
                               "save the engine again")
     try:
         spec = json.loads(meta["ftwt_engine"])
     except ValueError as exc:
-        raise CheckpointError(f"{path}: unreadable engine metadata ({exc})") from exc
+        raise CheckpointError(f"{where}: unreadable engine metadata ({exc})") from exc
     if spec.get("format") != FORMAT or not isinstance(spec.get("version"), int) or spec["version"] > VERSION:
-        raise CheckpointError(f"{path}: engine format {spec.get('format')!r} v{spec.get('version')} is not one "
+        raise CheckpointError(f"{where}: engine format {spec.get('format')!r} v{spec.get('version')} is not one "
                               f"this ftwt reads (v{VERSION}); upgrade ftwt")
     return spec, tensors
 

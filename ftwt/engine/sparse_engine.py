@@ -130,9 +130,20 @@ class SparseEngine:
             >>> engine = SparseEngine.load("engine.safetensors")
             >>> logits = engine(torch.randn(1, 3, 32, 32))
         """
-        from ftwt.engine._artefact import read_engine_file, rebuild_model
+        from ftwt.engine._artefact import read_engine_file
 
-        spec, tensors = read_engine_file(path)
+        return cls._rebuild(*read_engine_file(path), kernel=kernel, recalibrate=recalibrate)
+
+    def __reduce__(self) -> tuple:
+        # Pickled (multiprocessing, a serving framework) as the bytes of its engine file: plain data.
+        from ftwt.engine._artefact import engine_bytes
+
+        return (_from_bytes, (engine_bytes(self),))
+
+    @classmethod
+    def _rebuild(cls, spec: dict, tensors: dict[str, Tensor], kernel: str | None, recalibrate: bool) -> SparseEngine:
+        from ftwt.engine._artefact import rebuild_model
+
         options = spec.get("engine", {})
         kernel = kernel or options.get("kernel", "auto")
         engine = cls(rebuild_model(spec, tensors), round_to=int(options.get("round_to", 1)),
@@ -243,3 +254,9 @@ def _report_choices(choices: dict[str, str], native: bool) -> None:
 @functools.cache
 def _say_once(message: str) -> None:
     log.warning("ftwt engine: %s", message)
+
+
+def _from_bytes(data: bytes) -> SparseEngine:
+    from ftwt.engine._artefact import parse_engine
+
+    return SparseEngine._rebuild(*parse_engine(data), kernel=None, recalibrate=False)
