@@ -60,6 +60,9 @@ def test_auto_with_mocked_timings_never_runs_a_mode_slower_than_torch(monkeypatc
     with torch.no_grad():
         assert _close(engine(x), model(x))
         assert _close(engine(batch), model(batch))
+    engine.calibrate(batch)  # three samples: their times add up
+    assert all(t["torch"] == 3.0 for t in engine.timings.values())
+    assert engine.choices == choices
 
 
 def test_real_choice_is_recorded_and_not_slower_than_torch():

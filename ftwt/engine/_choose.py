@@ -21,20 +21,21 @@ if TYPE_CHECKING:
     from ftwt.engine._conv import SparseConv
 
 FALLBACK = "torch"
-REPEATS = 5  # timed calls per way: the minimum of a few runs is robust to a noisy neighbour
+REPEATS = 5  # timed calls per way, taking turns: the minimum is robust to a noisy neighbour
 MARGIN = 0.95  # another way must beat the fallback by 5% to replace it
 
 
 def measure(conv: SparseConv, mode: str, x: Compact, masks: dict[str, Tensor] | None) -> float:
-    """Seconds of one call of ``conv`` computing ``x`` in ``mode``: the fastest of :data:`REPEATS` after a warm-up."""
+    """Seconds of one call of ``conv`` computing ``x`` in ``mode``, as the first call of its block shape."""
     conv.set_mode(mode)
-    conv(x, masks)  # warm-up: oneDNN's kernel for the shape, the allocator's buffers
-    best = math.inf
-    for _ in range(REPEATS):
-        start = time.perf_counter()
-        conv(x, masks)
-        best = min(best, time.perf_counter() - start)
-    return best
+    seen = set(conv._seen)
+    start = time.perf_counter()
+    conv(x, masks)
+    elapsed = time.perf_counter() - start
+    # In a stream of samples each mask gives a new block shape, for which conv2d has not
+    # compiled a oneDNN kernel yet: do not let the repeats here profit from one.
+    conv._seen = seen
+    return elapsed
 
 
 def pick(times: dict[str, float]) -> str:
@@ -45,8 +46,21 @@ def pick(times: dict[str, float]) -> str:
     return best
 
 
-def choose(conv: SparseConv, x: Compact, masks: dict[str, Tensor] | None) -> dict[str, float]:
-    """Time every mode of ``conv`` on ``x``, switch it to the one :func:`pick` picks; the times per mode."""
-    times = {mode: measure(conv, mode, x, masks) for mode in conv.modes}
-    conv.set_mode(pick(times))
-    return times
+def choose(conv: SparseConv, x: Compact, masks: dict[str, Tensor] | None) -> None:
+    """Time every mode of ``conv`` on ``x``, add the times to ``conv.times`` and switch it to the one :func:`pick` picks.
+
+    The modes take turns, so that a noisy spell hits them alike; each keeps its fastest call.
+    Called on several samples, the times add up: the choice is the fastest over all of them.
+    """
+    seen = set(conv._seen)
+    for mode in conv.modes:  # warm-up: the allocator's buffers, the kernels' first touch of the weights
+        conv.set_mode(mode)
+        conv(x, masks)
+        conv._seen = set(seen)
+    best = dict.fromkeys(conv.modes, math.inf)
+    for _ in range(REPEATS):
+        for mode in conv.modes:
+            best[mode] = min(best[mode], measure(conv, mode, x, masks))
+    for mode, seconds in best.items():
+        conv.times[mode] = conv.times.get(mode, 0.0) + seconds
+    conv.set_mode(pick(conv.times))

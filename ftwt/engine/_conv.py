@@ -116,8 +116,8 @@ class SparseConv:
         with_native = self.can_native or self.can_native_gate
         self.modes = ("torch",) + (("native",) if with_native else ()) + (("dense",) if unit is not None else ())
         self.set_mode("native" if with_native else "torch")
-        self.pending = False  # set by the engine: choose the mode on the next call
-        self.times: dict[str, float] = {}  # seconds per mode of the last choice
+        self.pending = 0  # set by the engine: choose the mode over the next calls, this many
+        self.times: dict[str, float] = {}  # seconds per mode, summed over the calls timed
 
     def set_mode(self, mode: str) -> None:
         """How to compute: ``"native"`` (fused kernels on small maps), ``"torch"`` (PyTorch's ops on
@@ -360,9 +360,9 @@ class SparseConv:
         return x, logits, kept
 
     def __call__(self, x: Compact, masks: dict[str, Tensor] | None = None) -> Compact:
-        if self.pending:  # kernel="auto": time every mode on this first input, keep the fastest
-            self.pending = False
-            self.times = _choose.choose(self, x, masks)
+        if self.pending:  # kernel="auto": time every mode on this input, keep the fastest
+            self.pending -= 1
+            _choose.choose(self, x, masks)
         out, mask, extra = None, None, False
         if self.native_gate and x.nonneg and x.data.dim() == 4 and x.data.shape[0] == 1 and x.data.shape[1] and x.data.dtype == torch.float32:
             x, logits, kept = self._gate_and_trim_native(x)

@@ -55,8 +55,9 @@ class SparseEngine:
             ``"native"``: the native kernels, failing if they cannot be built; ``"torch"``:
             PyTorch's ops only. Outputs are the same either way; with ``"native"`` and
             ``"torch"`` the multiply-adds are exactly the honest count.
-        example: an input to choose the kernels on now (``kernel="auto"``); without it they
-            are chosen on the first call, which then takes longer.
+        example: samples to choose the kernels on now (``kernel="auto"``; a few give a
+            steadier choice than one); without it they are chosen on the first call, which
+            then takes longer.
 
     Raises:
         ConfigError: the model has no gates, is in training mode, or an option is invalid.
@@ -165,11 +166,18 @@ class SparseEngine:
         return {name: dict(conv.times) for name, conv in self.plan.convs.items() if conv.times}
 
     def calibrate(self, example: Tensor | None = None, masks: dict[str, Tensor] | None = None) -> None:
-        """Choose each convolution's kernel by timing on ``example`` (or on the next call when None)."""
+        """Choose each convolution's kernel by timing on ``example`` (or on the next call when None).
+
+        Every sample of ``example`` is timed (one at a time, as ``batch="loop"`` runs them)
+        and the times add up, so a few samples give a choice that holds for a stream of them.
+        ``masks`` are replayed as in :meth:`forward`.
+        """
+        n = 1 if example is None or self.batch == "union" else max(1, example.shape[0])
         for conv in self.plan.convs.values():
-            conv.pending = len(conv.modes) > 1
+            conv.pending = n if len(conv.modes) > 1 else 0
+            conv.times = {}
         if example is not None:
-            self.forward(example[:1], None if masks is None else {k: m[:1] for k, m in masks.items()})
+            self.forward(example, masks)
 
     def set_choices(self, choices: dict[str, str]) -> None:
         """Run each named convolution in the given mode (as :attr:`choices` gives them), without timing."""
@@ -178,7 +186,7 @@ class SparseEngine:
             raise ConfigError(f"kernel choices for unknown convolution(s) {unknown}")
         for name, mode in choices.items():
             conv = self.plan.convs[name]
-            conv.pending = False
+            conv.pending = 0
             conv.set_mode(mode)
 
     def executed_macs(self, x: Tensor, masks: dict[str, Tensor] | None = None) -> float:
@@ -229,7 +237,7 @@ class SparseEngine:
     def _run(self, x: Tensor, masks: dict[str, Tensor] | None) -> Any:
         pending = any(conv.pending for conv in self.plan.convs.values())
         out = self._steps(x, masks)
-        if pending:
+        if pending and not any(conv.pending for conv in self.plan.convs.values()):
             _report_choices(self.choices, self.native)
         return out
 
