@@ -175,8 +175,9 @@ class SparseConv:
                 raise ConfigError(f"masks[{self.name!r}] has shape {tuple(mask.shape)}, expected {tuple(logits.shape)}")
         else:
             mask = self.unit.decide(logits)
-        keep = mask[0] if mask.shape[0] == 1 else mask.any(0)
-        out = keep.nonzero().squeeze(1)
+        # Views instead of select/squeeze: two fewer dispatched ops per unit and sample.
+        keep = mask.reshape(-1) if mask.shape[0] == 1 else mask.any(0)
+        out = keep.nonzero().view(-1)
         extra = False
         if out.numel() == self.c_out:
             return None, mask, False
