@@ -1,8 +1,7 @@
 """The runs of a sweep (:mod:`ftwt.sweep`): the dense reference, gated runs, static ones, and their latency.
 
 One :class:`Harness` per sweep holds what the runs share: the data, the dense model's
-FLOPs, the estimate at each ``r`` and the FLOPs the ``ftwt`` run achieved there (the static
-runs' target).
+FLOPs and the estimate at each ``r`` (the budget every method of that setting is given).
 """
 
 from __future__ import annotations
@@ -57,7 +56,6 @@ class Harness:
         self.num_classes = self.base.num_classes or self.info.num_classes
         self.dense_macs = 0.0
         self._estimates: dict[float, float] = {}
-        self._achieved: dict[float, float] = {}  # honest MACs per image of the ftwt run at r
 
     # Rows ------------------------------------------------------------------------------------
     def row(self, method: str, r: float | None, runner: Runner) -> dict[str, Any]:
@@ -78,8 +76,6 @@ class Harness:
                      _pct(row.get("achieved_reduction")), _pct(row.get("estimated_reduction")), row["train_seconds"])
         if method == "dense":
             self.dense_macs = row["dense_macs"]
-        if method == "ftwt":
-            self._achieved[r] = row["dynamic_macs"]
         return row
 
     def runner(self, method: str, r: float) -> Runner:
@@ -116,7 +112,7 @@ class Harness:
     def static(self, run_dir: Path, r: float, scope: str) -> dict[str, Any]:
         from ftwt.baselines import finetune, prune_to_macs
 
-        target = self._achieved.get(r) or self.dense_macs * (1.0 - self.estimate(r))
+        target = self.dense_macs * (1.0 - self.estimate(r))
         torch.manual_seed(self.base.seed)
         pruned = prune_to_macs(self._dense_model().cpu(), self.example, target, scope=scope)
         start = time.time()

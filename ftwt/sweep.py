@@ -10,8 +10,12 @@ the same epochs and data:
 * ``ftwt+``: the recommended dynamic mode (:data:`ftwt.PRESETS`), ``rho`` matched the same way;
 * ``oracle``: the labels themselves as masks (perfect gates, not deployable): the bound;
 * ``static`` / ``static-inner``: Torch-Pruning of every channel group / of the blocks' inner
-  channels only, to the honest FLOPs the ``ftwt`` run achieved (its estimate, when ``ftwt``
-  is not swept), fine-tuned with the same epochs and a cosine schedule.
+  channels only, to the honest FLOPs of the ``ftwt`` estimate at ``r``, fine-tuned with the
+  same epochs and a cosine schedule.
+
+So every method of one setting is given the same budget, the estimate at ``r``; the paper's
+mode and the ``uniform`` criterion may end elsewhere (``estimation_error``), and the curves
+compare methods at the FLOPs each achieved.
 
 Each run lives in ``OUT/runs/NAME``; a finished one (``row.json``) is skipped when the sweep
 is run again, a gated one killed midway resumes from its ``last.pt``. At the end the batch-1
@@ -101,7 +105,7 @@ def run_sweep(config: SweepConfig) -> list[dict[str, Any]]:
     harness = Harness(cfg, out)
     rows = [harness.row("dense", None, harness.dense)]
     for r in cfg.masses:
-        for method in sorted(cfg.methods, key=METHODS.index):  # ftwt first: static runs match what it achieved
+        for method in sorted(cfg.methods, key=METHODS.index):
             rows.append(harness.row(method, r, harness.runner(method, r)))
     if cfg.latency:
         for row, ms in zip(rows, harness.latencies(rows), strict=True):

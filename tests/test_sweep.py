@@ -54,8 +54,8 @@ def test_the_csv_has_a_row_per_run_and_every_column(swept):
         assert 0.0 <= row["top1"] <= 100.0
     by = {(r["method"], r["setting"]): r for r in back}
     for r in (0.8, 0.9):
-        # static pruning is matched to the honest FLOPs the ftwt run achieved
-        assert by[("static", r)]["achieved_reduction"] == pytest.approx(by[("ftwt", r)]["achieved_reduction"], abs=0.05)
+        # static pruning is given the budget of the ftwt estimate at r
+        assert by[("static", r)]["achieved_reduction"] == pytest.approx(by[("ftwt", r)]["estimated_reduction"], abs=0.05)
         # uniform's ratio is matched to the ftwt estimate at r
         assert by[("uniform", r)]["estimated_reduction"] == pytest.approx(by[("ftwt", r)]["estimated_reduction"],
                                                                          abs=0.03)

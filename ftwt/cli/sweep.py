@@ -3,7 +3,7 @@
 For each mass threshold in ``--masses``: the FLOPs estimate before training, then every
 ``--methods`` run fine-tuned for ``--epochs`` from ``--init`` (ftwt: the paper's mode;
 uniform and ftwt+: their ratio matched to the ftwt estimate; oracle: perfect gates, the
-bound; static / static-inner: Torch-Pruning at the FLOPs ftwt achieved). Writes
+bound; static / static-inner: Torch-Pruning to the FLOPs of that estimate). Writes
 ``OUT/sweep.csv`` and ``OUT/sweep.png``; run again, it skips finished runs and resumes a
 half-finished one from its ``last.pt``.
 """
