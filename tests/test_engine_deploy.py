@@ -222,3 +222,10 @@ def test_an_engine_pickles_as_its_engine_file():
     assert copy.choices == engine.choices
     with torch.no_grad():
         assert _rel(copy(x), engine(x)) <= 1e-5
+
+
+def test_saved_choices_are_timed_again_on_another_cpu(tmp_path, monkeypatch):
+    model, x = _gated("resnet20"), input_for("resnet20", 1)
+    SparseEngine(model, example=x).save(tmp_path / "engine.safetensors")
+    monkeypatch.setattr(_artefact, "cpu_name", lambda: "another CPU")
+    assert set(SparseEngine.load(tmp_path / "engine.safetensors").choices.values()) == {"pending"}

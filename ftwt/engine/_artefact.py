@@ -83,10 +83,17 @@ def engine_bytes(engine: SparseEngine) -> bytes:
         "gates": {"config": units[0].config.to_dict(),
                   "units": [{"conv": u.spec.conv, "norm": u.spec.norm, "act": u.spec.act} for u in units]},
         "engine": {"round_to": engine.round_to, "batch": engine.batch, "kernel": engine.kernel,
-                   "choices": engine.choices, "isa": engine.isa},
+                   "choices": engine.choices, "isa": engine.isa, "cpu": cpu_name()},
     }
     meta = json.dumps(spec, sort_keys=True)
     return save(tensors, metadata={"format": "pt", "ftwt_engine": meta, "ftwt_sha256": _digest(meta, tensors)})
+
+
+def cpu_name() -> str:
+    """The CPU the kernel choices were timed on (they are reused only on the same one)."""
+    from ftwt.bench import machine_info
+
+    return str(machine_info()["cpu"])
 
 
 def _attr(gm: torch.nn.Module, target: str) -> Any:

@@ -122,7 +122,8 @@ class SparseEngine:
             path: the engine file.
             kernel: the kernel setting (default: the saved one).
             recalibrate: with ``kernel="auto"``, time the kernels again on the first input
-                instead of reusing the saved choices (do so on a different machine).
+                instead of reusing the saved choices (which are reused only on the CPU and
+                kernel build they were timed on).
 
         Raises:
             CheckpointError: not an engine file, damaged or modified since it was saved.
@@ -149,9 +150,13 @@ class SparseEngine:
         kernel = kernel or options.get("kernel", "auto")
         engine = cls(rebuild_model(spec, tensors), round_to=int(options.get("round_to", 1)),
                      batch=options.get("batch", "loop"), kernel=kernel)
+        from ftwt.engine._artefact import cpu_name
+
         saved = {k: v for k, v in options.get("choices", {}).items() if k in engine.plan.convs}
         usable = all(mode in engine.plan.convs[k].modes for k, mode in saved.items())
-        if kernel == "auto" and not recalibrate and saved and usable and len(saved) == len(engine.plan.convs):
+        # Choices timed on another CPU or kernel build are timed again on the first input here.
+        here = options.get("isa") == engine.isa and options.get("cpu") == cpu_name()
+        if kernel == "auto" and not recalibrate and here and saved and usable and len(saved) == len(engine.plan.convs):
             engine.set_choices(saved)
         return engine
 
