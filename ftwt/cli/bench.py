@@ -133,7 +133,8 @@ def _rows(out: dict[str, Any]) -> list[tuple[str, str]]:
                         "not counted; above the honest count where units run densely)"),
         ("dense_ms", f"{out['dense_ms']:.3f}"),
         ("masked_ms", f"{out['masked_ms']:.3f} ({out['masked_speedup']:.2f}x)"),
-        ("engine_ms", f"{out['engine_ms']:.3f} (kernels: {out['engine_kernels']}; logits vs masked: max |diff| "
+        ("engine_ms", f"{out['engine_ms']:.3f} (kernels: {out['engine_kernels']}"
+                      f"{'' if out.get('engine_isa') is None else ', ' + out['engine_isa'] + ' build'}; logits vs masked: max |diff| "
                       f"{out['engine_max_abs_diff']:.1e}, relative {out['engine_rel_diff']:.1e})"),
         ("static_ms", f"{out['static_ms']:.3f} ({out['static_speedup']:.2f}x)"),
         ("ideal_speedup", f"{out['ideal_speedup']:.2f}x (dense / dynamic MACs)"),
