@@ -39,8 +39,14 @@ Kernels of the sparse ways (chosen per call from the shape, on CPU):
       much slower at batch 1).
 
 The native kernels are built on first use by PyTorch's extension loader (C++ compiler and
-``ninja``, once, cached per machine); where that fails the engine warns and runs on
-PyTorch's ops with the same outputs and multiply-adds. ``benchmarks/bench_engine.py`` times
+``ninja``, once, cached per machine), for the widest vector ISA the CPU runs (AVX-512, AVX2,
+SSE or NEON, each with register blocks that fit its register file; ``$FTWT_ENGINE_ISA``
+builds another, e.g. ``avx2`` on an AVX-512 machine); where that fails the engine warns and
+runs on PyTorch's ops with the same outputs and multiply-adds.
+
+``engine.save(path)`` writes one safetensors file (the graph as JSON, the weights as
+tensors, nothing pickled) that :meth:`SparseEngine.load` rebuilds without the model's code
+(:mod:`ftwt.engine._artefact`). ``benchmarks/bench_engine.py`` times
 the engine against the dense, masked and static models; its latest table (and what the
 timings say) is in the README. What still limits it: the gates themselves (each reads its
 ``C_in x C_out`` weight once per sample, which a static model does not pay), oneDNN's direct
@@ -51,6 +57,9 @@ Example:
     >>> model = ftwt.attach_gates(ftwt.models.resnet56(), ftwt.GateConfig(threshold=0.9)).eval()
     >>> engine = SparseEngine(model)
     >>> logits = engine(torch.randn(1, 3, 32, 32))
+    >>> engine.save("engine.safetensors")
+    >>> SparseEngine.load("engine.safetensors").choices["conv1"]
+    'native'
 """
 
 from ftwt.engine.fold import fold_bn
