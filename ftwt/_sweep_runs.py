@@ -51,6 +51,7 @@ class Harness:
                                 num_workers=self.base.workers)
         self.val = DataLoader(val_set, batch_size=self.base.batch_size, num_workers=self.base.workers)
         plain = DataLoader(train_set, batch_size=self.base.batch_size, shuffle=False)
+        torch.manual_seed(self.base.seed)  # the same augmented samples, so the same budgets, on every invocation
         self.samples = _take((x for x, _ in plain), cfg.estimate_samples)
         self.example = torch.zeros(1, *self.info.input_size)
         self.num_classes = self.base.num_classes or self.info.num_classes
