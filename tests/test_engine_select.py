@@ -42,6 +42,7 @@ def test_auto_with_mocked_timings_never_runs_a_mode_slower_than_torch(monkeypatc
         return {"torch": 1.0, "native": 5.0, "dense": 0.5 if conv.c_out >= 64 else 2.0}[mode]
 
     monkeypatch.setattr(_choose, "measure", fake)
+    monkeypatch.setattr(_choose, "compare", lambda run, chosen, fallback: {"chosen": 0.5, "fallback": 1.0})
     engine_module._say_once.cache_clear()
     model = _model()
     x = torch.randn(1, 3, 32, 32)
@@ -65,6 +66,28 @@ def test_auto_with_mocked_timings_never_runs_a_mode_slower_than_torch(monkeypatc
     assert engine.choices == choices
 
 
+def test_choices_slower_than_the_fallback_on_the_whole_model_are_dropped(monkeypatch, caplog):
+    monkeypatch.setattr(_choose, "measure", lambda conv, mode, x, masks: {"torch": 1.0}.get(mode, 0.1))
+    runs = []
+
+    def slower(run, chosen, fallback):  # the per-layer winners lose as a whole
+        run(chosen)
+        runs.append(dict(chosen))
+        run(fallback)
+        return {"chosen": 2.0, "fallback": 1.0}
+
+    monkeypatch.setattr(_choose, "compare", slower)
+    model = _model()
+    x = torch.randn(2, 3, 32, 32)
+    with caplog.at_level(logging.INFO, logger="ftwt.engine.sparse_engine"):
+        engine = SparseEngine(model, example=x)
+    assert set(runs[0].values()) != {"torch"}  # the per-layer choice was timed against the fallback
+    assert set(engine.choices.values()) == {"torch"} and engine.check == {"chosen": 2.0, "fallback": 1.0}
+    assert "not faster than PyTorch's ops on the whole model" in caplog.text
+    with torch.no_grad():
+        assert _close(engine(x), model(x))
+
+
 def test_real_choice_is_recorded_and_not_slower_than_torch():
     model = _model()
     x = torch.randn(1, 3, 32, 32)
@@ -74,6 +97,10 @@ def test_real_choice_is_recorded_and_not_slower_than_torch():
         out = engine(x)  # the first call chooses
         assert _close(out, model(x))
     assert "pending" not in engine.choices.values()
+    assert engine.check == {}  # checked as a whole only on an example given to calibrate
+    engine.calibrate(torch.randn(2, 3, 32, 32))
+    if set(engine.choices.values()) != {"torch"}:
+        assert engine.check["chosen"] <= engine.check["fallback"]
     for name, times in engine.timings.items():
         assert set(times) == set(engine.plan.convs[name].modes)
         assert times[engine.choices[name]] <= times["torch"]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from torch import Tensor
@@ -64,3 +65,18 @@ def choose(conv: SparseConv, x: Compact, masks: dict[str, Tensor] | None) -> Non
     for mode, seconds in best.items():
         conv.times[mode] = conv.times.get(mode, 0.0) + seconds
     conv.set_mode(pick(conv.times))
+
+
+def compare(run: Callable[[dict[str, str]], None], chosen: dict[str, str], fallback: dict[str, str]) -> dict[str, float]:
+    """Seconds of ``run(choices)`` for the chosen modes and for the fallback, taking turns, the fastest of :data:`REPEATS`.
+
+    The per-layer times add up to the model's only roughly (caches, the allocator, the
+    layers' order), so the choice as a whole is checked against the fallback as a whole.
+    """
+    best = {"chosen": math.inf, "fallback": math.inf}
+    for _ in range(max(1, REPEATS // 2)):
+        for key, choices in (("chosen", chosen), ("fallback", fallback)):
+            start = time.perf_counter()
+            run(choices)
+            best[key] = min(best[key], time.perf_counter() - start)
+    return best

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from ftwt._ops import trace
-from ftwt.engine import _native
+from ftwt.engine import _choose, _native
 from ftwt.engine._compact import Compact, widen
 from ftwt.engine._plan import Plan
 from ftwt.errors import ConfigError, UnsupportedLayerError
@@ -96,6 +96,7 @@ class SparseEngine:
             raise UnsupportedLayerError(f"the engine runs models with one input, {type(model).__name__} has {len(self.plan.inputs)}")
         self.unit_names = frozenset(units)
         self.model = model  # what save() writes
+        self.check: dict[str, float] = {}  # seconds per forward of the choices and of the fallback (calibrate)
         if kernel == "auto":
             self.calibrate(example)
 
@@ -175,7 +176,9 @@ class SparseEngine:
 
         Every sample of ``example`` is timed (one at a time, as ``batch="loop"`` runs them)
         and the times add up, so a few samples give a choice that holds for a stream of them.
-        ``masks`` are replayed as in :meth:`forward`.
+        ``masks`` are replayed as in :meth:`forward`. With ``example``, the whole engine is
+        then timed on it with the choices and with PyTorch's ops everywhere, and the choices
+        are dropped for PyTorch's ops if they are not faster (:attr:`check`).
         """
         n = 1 if example is None or self.batch == "union" else max(1, example.shape[0])
         for conv in self.plan.convs.values():
@@ -183,6 +186,27 @@ class SparseEngine:
             conv.times = {}
         if example is not None:
             self.forward(example, masks)
+            self._check_against_fallback(example, masks)
+
+    def _check_against_fallback(self, example: Tensor, masks: dict[str, Tensor] | None) -> None:
+        chosen = {name: conv.mode for name, conv in self.plan.convs.items()}
+        fallback = dict.fromkeys(chosen, _choose.FALLBACK)
+        if chosen == fallback:
+            return
+        convs = self.plan.convs.values()
+        seen = {id(conv): set(conv._seen) for conv in convs}
+
+        def run(choices: dict[str, str]) -> None:
+            self.set_choices(choices)
+            for conv in convs:  # every block shape as new, as in a stream of samples
+                conv._seen = set(seen[id(conv)])
+            self.forward(example, masks)
+
+        self.check = _choose.compare(run, chosen, fallback)
+        self.set_choices(chosen if self.check["chosen"] <= self.check["fallback"] else fallback)
+        if self.check["chosen"] > self.check["fallback"]:
+            log.info("ftwt engine: the per-layer choices were not faster than PyTorch's ops on the whole model; "
+                     "running PyTorch's ops")
 
     def set_choices(self, choices: dict[str, str]) -> None:
         """Run each named convolution in the given mode (as :attr:`choices` gives them), without timing."""
