@@ -116,7 +116,8 @@ def _run(args: argparse.Namespace) -> None:
     gopt = torch.optim.SGD(gate_parameters(model), lr=args.gate_lr, momentum=0.9) if gated else None
     gen = torch.Generator().manual_seed(1)
     masks = "ground_truth" if args.method == "oracle" else "gate"
-    cooldown = round((0.75 if args.method == "plus" else 0.5) * args.epochs)
+    share = args.cooldown if args.cooldown is not None else (0.75 if args.method == "plus" else 0.5)
+    cooldown = round(share * args.epochs)
     lam = args.lam if args.lam is not None else (ftwt.PRESETS["ftwt+"]["lam"] if args.method == "plus" else 1.0)
     if args.method == "plus" and args.gate_init == "weights":
         init_gates_from_weights(model)
@@ -253,6 +254,9 @@ def main() -> None:
     r.add_argument("--rho", type=float, default=0.5, help="share of inner filters pruned per sample (plus)")
     r.add_argument("--warmup", type=int, default=50, help="gate-fitting steps before fine-tuning (plus)")
     r.add_argument("--gate-lr", type=float, default=0.1)
+    r.add_argument("--cooldown", type=float, default=None,
+                   help="share of the epochs the gates train (default 0.75 plus, 0.5 ftwt); 0 with --gate-init "
+                        "weights: the static L1 choice applied as masks, the control for what gate learning adds")
     r.add_argument("--lam", type=float, default=None,
                    help="weight of the BCE mask loss on the labels (default: 1, and the preset's 0 for plus)")
     r.add_argument("--gate-init", choices=("fit", "weights"), default="weights",
