@@ -6,6 +6,7 @@ FLOPs and the estimate at each ``r`` (the budget every method of that setting is
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import time
@@ -22,7 +23,7 @@ from ftwt.checkpoint import load_checkpoint, save_checkpoint
 from ftwt.estimate import estimate
 from ftwt.evaluate import evaluate
 from ftwt.train import PRESETS, TrainConfig, Trainer, load_model, load_trained
-from ftwt.train._files import epoch_of
+from ftwt.train._files import read_metrics
 from ftwt.train._user import build_model, resolve_data
 from ftwt.train.runtime import resolve_device
 
@@ -55,6 +56,7 @@ class Harness:
         self.samples = _take((x for x, _ in plain), cfg.estimate_samples)
         self.example = torch.zeros(1, *self.info.input_size)
         self.num_classes = self.base.num_classes or self.info.num_classes
+        self._dense = load_model(cfg.model, self.num_classes, cfg.init, **self.base.model_kwargs())  # read once
         self.dense_macs = 0.0
         self._estimates: dict[float, float] = {}
 
@@ -169,7 +171,8 @@ class Harness:
         return [ms.get(Path(row["run"]).name) for row in rows]
 
     def _dense_model(self) -> nn.Module:
-        return load_model(self.cfg.model, self.num_classes, self.cfg.init, **self.base.model_kwargs()).to(self.device)
+        """A fresh copy of the dense model every run starts from."""
+        return copy.deepcopy(self._dense).to(self.device)
 
     def _static_model(self, run: Path) -> nn.Module:
         from ftwt.baselines import prune_to_macs
@@ -218,9 +221,7 @@ def _cycle(xs: list[torch.Tensor]) -> Iterator[torch.Tensor]:
 
 def _epoch_seconds(run_dir: Path) -> float:
     """Training wall time: the epochs' own times in ``metrics.jsonl`` (a resumed run's included)."""
-    path = run_dir / "metrics.jsonl"
-    lines = [ln for ln in path.read_text().splitlines() if epoch_of(ln) is not None] if path.exists() else []
-    return float(sum(json.loads(ln).get("time", 0.0) for ln in lines))
+    return float(sum(m.get("time", 0.0) for m in read_metrics(run_dir)))
 
 
 def _pct(x: float | None) -> str:

@@ -63,7 +63,11 @@ def describe_machine(info: dict[str, Any]) -> str:
 
 
 @contextlib.contextmanager
-def _num_threads(threads: int) -> Iterator[None]:
+def num_threads(threads: int | None) -> Iterator[None]:
+    """Run the block with ``threads`` intra-op CPU threads (None: as they are), then restore them."""
+    if threads is None:
+        yield
+        return
     saved = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -109,7 +113,7 @@ def time_calls(
     from torch.utils import benchmark as tbench
 
     times: dict[str, list[float]] = {name: [] for name in fns}
-    with _num_threads(threads), torch.no_grad():
+    with num_threads(threads), torch.no_grad():
         for fn in fns.values():
             for _ in range(warmup):
                 fn()
@@ -233,7 +237,7 @@ def benchmark(
         replay = collect_masks(model, batches) if masks == "ground_truth" else [None] * len(batches)
         engine = SparseEngine(model, round_to=round_to, kernel=kernel)
 
-        with torch.no_grad(), _num_threads(threads):
+        with torch.no_grad(), num_threads(threads):
             with record(model, masks=masks):
                 reference = model(batches[0])
             if kernel == "auto":  # chosen on a few samples, under the threads of the run
@@ -291,4 +295,4 @@ def benchmark(
     }
 
 
-__all__ = ["MASKS", "benchmark", "collect_masks", "describe_machine", "kernel_summary", "machine_info", "time_calls"]
+__all__ = ["MASKS", "benchmark", "collect_masks", "describe_machine", "kernel_summary", "machine_info", "num_threads", "time_calls"]

@@ -98,14 +98,11 @@ def run_demo(config: DemoConfig | None = None) -> dict[str, Any]:
         >>> result = run_demo(DemoConfig(out_dir="runs/demo"))
         >>> result["ftwt"]["top1"], result["achieved_reduction"]
     """
+    from ftwt.bench import num_threads
+
     cfg = config or DemoConfig()
-    threads = torch.get_num_threads()
-    if cfg.threads is not None:
-        torch.set_num_threads(cfg.threads)  # one thread also gives the same numbers on every machine
-    try:
+    with num_threads(cfg.threads):  # one thread also gives the same numbers on every machine
         return _run(cfg)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def run_demo_sweep(config: DemoConfig | None = None) -> list[dict[str, Any]]:
@@ -114,13 +111,11 @@ def run_demo_sweep(config: DemoConfig | None = None) -> list[dict[str, Any]]:
     Every method at each of ``sweep_masses``, fine-tuned for ``ftwt_epochs``; writes
     ``OUT/sweep/sweep.csv`` and ``OUT/sweep/sweep.png`` and returns the rows.
     """
+    from ftwt.bench import num_threads
     from ftwt.sweep import SweepConfig, run_sweep
 
     cfg = config or DemoConfig()
-    threads = torch.get_num_threads()
-    if cfg.threads is not None:
-        torch.set_num_threads(cfg.threads)
-    try:
+    with num_threads(cfg.threads):
         out = Path(cfg.out_dir)
         data = dict(dataset="digits", image_size=cfg.image_size, train_subset=cfg.train_subset,
                     batch_size=cfg.batch_size, workers=0, seed=cfg.seed, device=cfg.device)
@@ -131,8 +126,6 @@ def run_demo_sweep(config: DemoConfig | None = None) -> list[dict[str, Any]]:
         return run_sweep(SweepConfig(init=str(dense), model=cfg.model, masses=cfg.sweep_masses,
                                      epochs=cfg.ftwt_epochs, out_dir=str(out / "sweep"), train=data,
                                      latency_seconds=0.5, progress=cfg.progress))
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _run(cfg: DemoConfig) -> dict[str, Any]:

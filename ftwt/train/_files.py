@@ -39,12 +39,18 @@ def start_files(out: Path, cfg: TrainConfig, start_epoch: int) -> None:
         atomic_write_text(path, "".join(ln + "\n" for ln in keep))
 
 
+def read_metrics(out: Path) -> list[dict[str, Any]]:
+    """The epochs in ``out/metrics.jsonl`` (none if it is missing; a line a kill cut short left out)."""
+    path = out / "metrics.jsonl"
+    lines = path.read_text().splitlines() if path.exists() else []
+    return [json.loads(ln) for ln in lines if epoch_of(ln) is not None]
+
+
 def plot_curves(out: Path) -> None:
     """``training.png``: loss, top-1 and FLOPs reduction of every epoch in ``metrics.jsonl``."""
-    path = out / "metrics.jsonl"
-    lines = [ln for ln in path.read_text().splitlines() if epoch_of(ln) is not None] if path.exists() else []
-    if lines:
-        plot_training([json.loads(ln) for ln in lines], out / "training.png")
+    metrics = read_metrics(out)
+    if metrics:
+        plot_training(metrics, out / "training.png")
 
 
 def epoch_of(line: str) -> int | None:
@@ -60,4 +66,4 @@ def inside(filename: Any, folder: Path) -> bool:
     return filename is not None and Path(str(filename)).absolute().is_relative_to(folder.absolute())
 
 
-__all__ = ["check_out_dir", "epoch_of", "inside", "plot_curves", "start_files"]
+__all__ = ["check_out_dir", "epoch_of", "inside", "plot_curves", "read_metrics", "start_files"]
