@@ -85,7 +85,7 @@ def _dense(args: argparse.Namespace) -> None:
 
 def _gate_config(args: argparse.Namespace) -> ftwt.GateConfig:
     if args.method == "plus":
-        return ftwt.TrainConfig.from_preset("ftwt+", threshold=args.rho).gate_config()
+        return ftwt.TrainConfig.from_preset("ftwt+", threshold=args.rho).gate_config().replace(saliency=args.saliency)
     return ftwt.GateConfig(threshold=args.mass)
 
 
@@ -120,7 +120,7 @@ def _run(args: argparse.Namespace) -> None:
     cooldown = round(share * args.epochs)
     lam = args.lam if args.lam is not None else (ftwt.PRESETS["ftwt+"]["lam"] if args.method == "plus" else 1.0)
     if args.method == "plus" and args.gate_init == "weights":
-        init_gates_from_weights(model)
+        init_gates_from_weights(model, args.prior)
     elif args.method == "plus":
         fit_gates(model, (x for x, _ in D.batches(xtr, ytr, 128, gen, train=True)), gopt, args.warmup)
     for ep in range(args.epochs):
@@ -261,6 +261,10 @@ def main() -> None:
                    help="weight of the BCE mask loss on the labels (default: 1, and the preset's 0 for plus)")
     r.add_argument("--gate-init", choices=("fit", "weights"), default="weights",
                    help="plus: fit the gates to the dense model's labels, or start them as the static L1 choice")
+    r.add_argument("--saliency", choices=ftwt.gate.SALIENCY, default="none",
+                   help="plus: scale the kept filters by a second gate head (scale), and rank by it (rank)")
+    r.add_argument("--prior", type=float, default=1.0,
+                   help="plus: strength of the static L1 prior the gates start from (their biases' scale)")
     r.add_argument("--match", help="static: the run whose achieved MACs to match")
     r.add_argument("--scope", choices=("all", "internal"), default="all", help="static: channel groups pruned")
     lat = sub.add_parser("latency", help="batch-1 CPU latency of every finished run")

@@ -27,6 +27,7 @@ MODES = ("decoupled", "joint")
 FEATURES = ("avg", "avgmax")
 RULES = ("threshold", "topk")
 SCOPES = ("all", "internal")
+SALIENCY = ("none", "scale", "rank")
 
 
 @dataclass(frozen=True)
@@ -51,6 +52,9 @@ class GateConfig:
     #   with the uniform criterion: as many filters as its labels keep, C - floor(rho * C))
     ste: bool = False  # straight-through estimator: the task loss trains the gates through their decision
     scope: str = "all"  # units to gate: "all", or "internal" (not those whose output feeds a residual add)
+    saliency: str = "none"  # "scale": kept filters are multiplied by 2 * sigmoid(u), u from a second head that
+    #   starts at zero (the identity); "rank": and the filters are ranked by logit + u, so what the task
+    #   teaches the scale (an exact gradient) also moves which filters are computed
 
     def __post_init__(self) -> None:
         self.validate()
@@ -72,7 +76,7 @@ class GateConfig:
         if not 0.0 < self.decision < 1.0:
             raise ConfigError(f"decision threshold must be in (0, 1), got {self.decision}")
         for name, value, choices in (("features", self.features, FEATURES), ("rule", self.rule, RULES),
-                                     ("scope", self.scope, SCOPES)):
+                                     ("scope", self.scope, SCOPES), ("saliency", self.saliency, SALIENCY)):
             if value not in choices:
                 raise ConfigError(f"unknown gate {name} {value!r}; choose from {list(choices)}")
         if self.hidden < 0:
@@ -138,15 +142,23 @@ class Gate(nn.Module):
         softmax: apply softmax over the pooled features.
         features: a feature extractor to use instead of :class:`PooledFeatures`.
         hidden: width of a hidden layer (0: none).
+        saliency: ``"none"``, ``"scale"`` or ``"rank"`` (:attr:`GateConfig.saliency`).
     """
 
     def __init__(self, in_channels: int, out_channels: int, pool: int = 1, softmax: bool = True,
-                 features: nn.Module | None = None, hidden: int = 0) -> None:
+                 features: nn.Module | None = None, hidden: int = 0, saliency: str = "none") -> None:
         super().__init__()
         self.features = features if features is not None else PooledFeatures(pool, softmax)
         width = self.features.out_features(in_channels)
         self.hidden = nn.Linear(width, hidden) if hidden else None
         self.fc = nn.Linear(hidden or width, out_channels)
+        self.rank_by_scale = saliency == "rank"
+        # Feature boosting (FBS-style): a per-sample scale of each kept filter. Zero weights and
+        # bias make it exactly 1 at first, so a gated model starts as the one it was built from.
+        self.scale_fc = nn.Linear(hidden or width, out_channels) if saliency != "none" else None
+        if self.scale_fc is not None:
+            nn.init.zeros_(self.scale_fc.weight)
+            nn.init.zeros_(self.scale_fc.bias)
 
     @property
     def pool(self) -> int:
@@ -159,26 +171,33 @@ class Gate(nn.Module):
     @property
     def is_reference(self) -> bool:
         """Average pooling straight into one linear layer: the form the engine's fused native gate computes."""
-        return isinstance(self.features, PooledFeatures) and not self.features.with_max and self.hidden is None
+        return (isinstance(self.features, PooledFeatures) and not self.features.with_max and self.hidden is None
+                and self.scale_fc is None)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Logits ``(N, C_out)`` that rank the filters, and the kept filters' scale ``(N, C_out)`` (None without saliency)."""
         z = self.features(x)
         if self.hidden is not None:
             z = F.relu(self.hidden(z))
-        return self.fc(z)
+        logits = self.fc(z)
+        if self.scale_fc is None:
+            return logits, None
+        u = self.scale_fc(z)
+        return (logits + u if self.rank_by_scale else logits), 2.0 * torch.sigmoid(u)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.heads(x)[0]
 
     def macs(self, in_channels: int, height: int, width: int) -> int:
-        """Per-sample cost: the features, then the linear layers."""
-        lin = self.fc.in_features * self.fc.out_features
-        if self.hidden is not None:
-            lin += self.hidden.in_features * self.hidden.out_features
+        """Per-sample cost: the features, then the linear layers (the scale's multiply rides on the mask's)."""
+        lin = sum(m.in_features * m.out_features for m in (self.fc, self.hidden, self.scale_fc) if m is not None)
         return self.features.macs(in_channels, height, width) + lin
 
 
 def build_gate(config: GateConfig, in_channels: int, out_channels: int) -> Gate:
     """The gate ``config`` asks for, for a unit of ``in_channels`` inputs and ``out_channels`` filters."""
     features = PooledFeatures(config.pool_size(in_channels), config.softmax, config.features == "avgmax")
-    return Gate(in_channels, out_channels, features=features, hidden=config.hidden)
+    return Gate(in_channels, out_channels, features=features, hidden=config.hidden, saliency=config.saliency)
 
 
-__all__ = ["FEATURES", "MODES", "RULES", "SCOPES", "Gate", "GateConfig", "PooledFeatures", "build_gate"]
+__all__ = ["FEATURES", "MODES", "RULES", "SALIENCY", "SCOPES", "Gate", "GateConfig", "PooledFeatures", "build_gate"]

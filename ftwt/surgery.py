@@ -270,7 +270,7 @@ def set_label_mode(model: nn.Module, mode: str) -> None:
         unit.labels_on = value
 
 
-def init_gates_from_weights(model: nn.Module) -> None:
+def init_gates_from_weights(model: nn.Module, strength: float = 1.0) -> None:
     """Start every gate as the static pruner: zero input weights, biases ranking the filters by magnitude.
 
     A filter's importance is the L1 norm of its convolution weights times its norm's
@@ -278,6 +278,9 @@ def init_gates_from_weights(model: nn.Module) -> None:
     the ``topk`` rule the first masks are then exactly the static choice of filters, the same
     for every input; a gate moves away from it only where the task loss (``ste``) says that
     the input calls for other filters.
+
+    ``strength`` multiplies the biases: below 1 the prior is weaker, so a saliency head
+    (``GateConfig.saliency="rank"``) needs a smaller push to swap filters for an input.
     """
     named = dict(model.named_modules())
     with torch.no_grad():
@@ -289,16 +292,20 @@ def init_gates_from_weights(model: nn.Module) -> None:
                 score = score * norm.weight.detach().abs().double()
             z = (score - score.mean()) / score.std().clamp_min(1e-12) if score.numel() > 1 else score * 0
             unit.gate.fc.weight.zero_()
-            unit.gate.fc.bias.copy_(z.to(unit.gate.fc.bias.dtype))
+            unit.gate.fc.bias.copy_((strength * z).to(unit.gate.fc.bias.dtype))
 
 
 def gate_parameters(model: nn.Module) -> list[nn.Parameter]:
-    """Parameters of the gates (for their own optimizer)."""
-    return list(getattr(model, GATES_ATTR).parameters())
+    """Parameters of the gates' decisions (for their own optimizer, frozen at cooldown).
+
+    The saliency heads (``GateConfig.saliency``) are not among them: they scale the output
+    and get the task's exact gradient, so they train with the backbone, for every epoch.
+    """
+    return [p for name, p in getattr(model, GATES_ATTR).named_parameters() if ".scale_fc." not in f".{name}"]
 
 
 def backbone_parameters(model: nn.Module) -> list[nn.Parameter]:
-    """Parameters of the model without its gates."""
+    """Parameters of the model without its gates' decisions (the saliency heads included)."""
     gate_ids = {id(p) for p in gate_parameters(model)}
     return [p for p in model.parameters() if id(p) not in gate_ids]
 

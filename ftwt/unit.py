@@ -103,6 +103,7 @@ class GatedUnit(nn.Module):
         self.labels_on: bool | None = None  # None: labels in training forwards only; set by ftwt.record
         self.last: UnitOutput | None = None
         self._logits: torch.Tensor | None = None
+        self._scale: torch.Tensor | None = None
         self._in_shape: tuple[int, ...] = ()
         self._handles: list[Any] = []
 
@@ -232,12 +233,13 @@ class GatedUnit(nn.Module):
     def _on_input(self, module: nn.Module, args: tuple[Any, ...]) -> None:
         x = args[0]
         self._in_shape = tuple(x.shape)
-        self._logits = None
+        self._logits = self._scale = None
         if self.masks != "none":
-            self._logits = self.gate(x.detach() if self.config.mode == "decoupled" else x)
+            self._logits, self._scale = self.gate.heads(x.detach() if self.config.mode == "decoupled" else x)
 
     def _on_output(self, module: nn.Module, args: tuple[Any, ...], y: torch.Tensor) -> torch.Tensor | None:
         logits, self._logits = self._logits, None
+        scale, self._scale = self._scale, None
         wants = self.labels_on if self.labels_on is not None else self.training
         labels = self.ground_truth(y) if wants or self.masks == "ground_truth" else None
         if self.masks == "gate":
@@ -252,8 +254,12 @@ class GatedUnit(nn.Module):
         if mask is None:
             return None
         if self.masks == "gate" and self.config.ste and self.training and torch.is_grad_enabled():
-            return y * self._straight_through(logits, mask)[:, :, None, None].to(y.dtype)
-        return y * mask[:, :, None, None].to(y.dtype)
+            factor = self._straight_through(logits, mask)
+        else:
+            factor = mask.to(y.dtype)
+        if scale is not None:
+            factor = factor * scale
+        return y * factor[:, :, None, None].to(y.dtype)
 
 
 __all__ = ["MASK_SOURCES", "GatedUnit", "MaskFn", "UnitOutput", "UnitSpec"]

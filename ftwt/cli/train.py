@@ -65,6 +65,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--gate-features", dest="gate_features", help="avg (default) or avgmax")
     g.add_argument("--gate-hidden", dest="gate_hidden", type=int, help="hidden layer width in each gate (default 0)")
     g.add_argument("--gate-rule", dest="gate_rule", help="threshold (default) or topk (with --criterion uniform)")
+    g.add_argument("--gate-saliency", dest="gate_saliency",
+                   help="none (default); scale: a second gate head scales each kept filter; rank: and picks them")
     g.add_argument("--gate-ste", dest="gate_ste", action=_BOOL, help="task loss trains the gates (straight-through)")
     g.add_argument("--gate-scope", dest="gate_scope", help="all (default) or internal (skip units feeding a residual add)")
     g.add_argument("--gate-init", dest="gate_init", help="random (default) or weights: start as the static L1 choice")

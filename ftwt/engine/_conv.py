@@ -140,14 +140,15 @@ class SparseConv:
         return (total[0] // 2, total[1] // 2)
 
     # Gate -------------------------------------------------------------------------
-    def gate(self, x: Compact) -> Tensor:
-        """Gate logits ``(N, C_out)`` from the compact input, as :class:`ftwt.gate.Gate` computes them."""
+    def gate(self, x: Compact) -> tuple[Tensor, Tensor | None]:
+        """Gate logits ``(N, C_out)`` from the compact input, as :class:`ftwt.gate.Gate` computes them,
+        and the kept filters' scale (None unless the gate has a saliency head)."""
         if not self.unit.gate.is_reference:
             data = x.data
             if x.idx is not None:
                 # Channels not stored are zero: pooled (average or max) they give zero features.
                 data = data.new_zeros((data.shape[0], self.c_in, *data.shape[2:])).index_copy_(1, x.idx, data)
-            return self.unit.gate(data)
+            return self.unit.gate.heads(data)
         pooled = F.adaptive_avg_pool2d(x.data, self.gate_pool)
         if x.idx is not None:
             # Channels not stored are zero, so they pool to zero; softmax still sees them.
@@ -156,7 +157,7 @@ class SparseConv:
         z = pooled.flatten(1)
         if self.gate_softmax:
             z = z.softmax(dim=1)
-        return F.linear(z, self.gate_w, self.gate_b)
+        return F.linear(z, self.gate_w, self.gate_b), None
 
     def _select(
         self, logits: Tensor, masks: dict[str, Tensor] | None, kept: Tensor | None = None
@@ -364,7 +365,7 @@ class SparseConv:
         if self.pending:  # kernel="auto": time every mode on this input, keep the fastest
             self.pending -= 1
             _choose.choose(self, x, masks)
-        out, mask, extra = None, None, False
+        out, mask, extra, scale = None, None, False, None
         if self.native_gate and x.nonneg and x.data.dim() == 4 and x.data.shape[0] == 1 and x.data.shape[1] and x.data.dtype == torch.float32:
             x, logits, kept = self._gate_and_trim_native(x)
             out, mask, extra = self._select(logits, masks, kept)
@@ -375,7 +376,8 @@ class SparseConv:
             if self.trim_inputs:
                 x = live_channels(x)
             if self.unit is not None:
-                out, mask, extra = self._select(self.gate(x), masks)
+                logits, scale = self.gate(x)
+                out, mask, extra = self._select(logits, masks)
         hw = self._out_hw(*x.data.shape[2:])
         n = x.data.shape[0]
         if out is not None and out.numel() == 0:
@@ -391,6 +393,8 @@ class SparseConv:
         if mask is not None and (n > 1 or extra):
             # Filters kept for another sample of the batch (or only for rounding) are zero here.
             y = y * (mask if out is None else mask.index_select(1, out)).to(y.dtype)[:, :, None, None]
+        if scale is not None:
+            y = y * (scale if out is None else scale.index_select(1, out)).to(y.dtype)[:, :, None, None]
         if self.act is not None:
             y = self.act(y)
         return Compact(y, out, self.c_out, self.nonneg)

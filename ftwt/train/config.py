@@ -78,6 +78,7 @@ class TrainConfig:
     gate_rule: str = "threshold"  # "threshold" (sigmoid > decision, reference) or "topk" (with criterion uniform)
     gate_ste: bool = False  # straight-through: the task loss trains the gates through their decisions
     gate_scope: str = "all"  # "all" units, or "internal": not those whose output feeds a residual add
+    gate_saliency: str = "none"  # "scale": a second head scales each kept filter per sample; "rank": and ranks them
     gate_init: str = "random"  # "random", or "weights": gates start as the static L1 choice of filters
     gate_warmup: int = 0  # steps fitting the gates to the frozen init model's labels before training
     masks: str = "gate"  # masks applied in training and evaluation: "gate", or "ground_truth" (the oracle bound)
@@ -160,7 +161,8 @@ class TrainConfig:
     def _gates(self, threshold: float) -> GateConfig:
         return GateConfig(criterion=self.criterion, threshold=threshold, mode=self.mode, pool=self.gate_pool,
                           embed_target=self.gate_embed, softmax=self.gate_softmax, features=self.gate_features,
-                          hidden=self.gate_hidden, rule=self.gate_rule, ste=self.gate_ste, scope=self.gate_scope)
+                          hidden=self.gate_hidden, rule=self.gate_rule, ste=self.gate_ste, scope=self.gate_scope,
+                          saliency=self.gate_saliency)
 
     def gate_config(self) -> GateConfig | None:
         """The :class:`GateConfig` of this run (None for a dense run)."""
