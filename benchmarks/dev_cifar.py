@@ -85,7 +85,8 @@ def _dense(args: argparse.Namespace) -> None:
 
 def _gate_config(args: argparse.Namespace) -> ftwt.GateConfig:
     if args.method == "plus":
-        return ftwt.TrainConfig.from_preset("ftwt+", threshold=args.rho).gate_config().replace(saliency=args.saliency)
+        cfg = ftwt.TrainConfig.from_preset("ftwt+", threshold=args.rho).gate_config()
+        return cfg.replace(saliency=args.saliency, rule=args.rule or cfg.rule, offset=args.offset)
     return ftwt.GateConfig(threshold=args.mass)
 
 
@@ -96,7 +97,7 @@ def _run(args: argparse.Namespace) -> None:
         print(f"{args.name}: done already ({result_path})")
         return
     torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
+    torch.manual_seed(args.seed)
     xtr, ytr, xva, yva = D.load(args.data, args.per_class)
     dense = get_model(MODEL, num_classes=10)
     dense.load_state_dict(torch.load(out / "dense.pt", weights_only=True)["model"])
@@ -113,8 +114,12 @@ def _run(args: argparse.Namespace) -> None:
     opt = torch.optim.SGD(backbone_parameters(model) if gated else model.parameters(), lr=0.01, momentum=0.9,
                           weight_decay=5e-4)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
-    gopt = torch.optim.SGD(gate_parameters(model), lr=args.gate_lr, momentum=0.9) if gated else None
-    gen = torch.Generator().manual_seed(1)
+    trained = [p for n, p in model.ftwt_gates.named_parameters() if args.gate_train == "all" or ".offset_fc." in n
+               ] if gated else []
+    for p in gate_parameters(model) if gated else ():
+        p.requires_grad_(any(p is q for q in trained))
+    gopt = torch.optim.SGD(trained, lr=args.gate_lr, momentum=0.9) if trained else None
+    gen = torch.Generator().manual_seed(args.seed + 1)
     masks = "ground_truth" if args.method == "oracle" else "gate"
     share = args.cooldown if args.cooldown is not None else (0.75 if args.method == "plus" else 0.5)
     cooldown = round(share * args.epochs)
@@ -126,7 +131,7 @@ def _run(args: argparse.Namespace) -> None:
     for ep in range(args.epochs):
         model.train()
         train_gates = gated and ep < cooldown and args.method != "oracle"
-        for p in gate_parameters(model) if gated else ():
+        for p in trained:
             p.requires_grad_(train_gates)
         ctx = ftwt.record(model, masks=masks, labels="train" if train_gates else False) if gated else contextlib.nullcontext()
         with ctx:
@@ -265,6 +270,11 @@ def main() -> None:
                    help="plus: scale the kept filters by a second gate head (scale), and rank by it (rank)")
     r.add_argument("--prior", type=float, default=1.0,
                    help="plus: strength of the static L1 prior the gates start from (their biases' scale)")
+    r.add_argument("--seed", type=int, default=0, help="initial gates and data order (the table's runs: 0)")
+    r.add_argument("--rule", choices=ftwt.gate.RULES, default=None, help="plus: the gates' rule (default the preset's)")
+    r.add_argument("--offset", action="store_true", help="plus: a per-sample offset of all of a unit's logits")
+    r.add_argument("--gate-train", choices=("all", "offset"), default="all",
+                   help="plus: which gate parameters learn (offset: the ranking stays the static prior)")
     r.add_argument("--match", help="static: the run whose achieved MACs to match")
     r.add_argument("--scope", choices=("all", "internal"), default="all", help="static: channel groups pruned")
     lat = sub.add_parser("latency", help="batch-1 CPU latency of every finished run")

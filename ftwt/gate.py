@@ -25,7 +25,7 @@ from ftwt.errors import ConfigError
 
 MODES = ("decoupled", "joint")
 FEATURES = ("avg", "avgmax")
-RULES = ("threshold", "topk")
+RULES = ("threshold", "topk", "budget")
 SCOPES = ("all", "internal")
 SALIENCY = ("none", "scale", "rank")
 
@@ -49,7 +49,11 @@ class GateConfig:
     features: str = "avg"  # gate input: "avg" pooling (reference) or "avgmax" (average and max, concatenated)
     hidden: int = 0  # width of a hidden ReLU layer in the gate; 0: one linear layer (reference)
     rule: str = "threshold"  # mask: "threshold" (sigmoid > decision, reference) or "topk" (each sample's top logits;
-    #   with the uniform criterion: as many filters as its labels keep, C - floor(rho * C))
+    #   with the uniform criterion: as many filters as its labels keep, C - floor(rho * C)), or "budget"
+    #   (in training the batch's top share of (sample, filter) logits, so inputs compete for the unit's
+    #   budget and a sample may take more or fewer filters; at inference a cut learnt from those batches)
+    offset: bool = False  # a per-sample scalar added to all of a unit's logits: with "budget", how many filters
+    #   of its ranking an input takes
     ste: bool = False  # straight-through estimator: the task loss trains the gates through their decision
     scope: str = "all"  # units to gate: "all", or "internal" (not those whose output feeds a residual add)
     saliency: str = "none"  # "scale": kept filters are multiplied by 2 * sigmoid(u), u from a second head that
@@ -81,8 +85,8 @@ class GateConfig:
                 raise ConfigError(f"unknown gate {name} {value!r}; choose from {list(choices)}")
         if self.hidden < 0:
             raise ConfigError(f"gate hidden width must be >= 0, got {self.hidden}")
-        if self.rule == "topk" and self.criterion != "uniform":
-            raise ConfigError("gate rule 'topk' keeps a fixed count per unit: use it with criterion 'uniform' "
+        if self.rule in ("topk", "budget") and self.criterion != "uniform":
+            raise ConfigError(f"gate rule {self.rule!r} keeps a fixed share per unit: use it with criterion 'uniform' "
                               "(threshold = the share of filters pruned)")
 
     def replace(self, **changes: Any) -> GateConfig:
@@ -143,10 +147,12 @@ class Gate(nn.Module):
         features: a feature extractor to use instead of :class:`PooledFeatures`.
         hidden: width of a hidden layer (0: none).
         saliency: ``"none"``, ``"scale"`` or ``"rank"`` (:attr:`GateConfig.saliency`).
+        offset: add one per-sample scalar to every logit (:attr:`GateConfig.offset`).
     """
 
     def __init__(self, in_channels: int, out_channels: int, pool: int = 1, softmax: bool = True,
-                 features: nn.Module | None = None, hidden: int = 0, saliency: str = "none") -> None:
+                 features: nn.Module | None = None, hidden: int = 0, saliency: str = "none",
+                 offset: bool = False) -> None:
         super().__init__()
         self.features = features if features is not None else PooledFeatures(pool, softmax)
         width = self.features.out_features(in_channels)
@@ -156,9 +162,12 @@ class Gate(nn.Module):
         # Feature boosting (FBS-style): a per-sample scale of each kept filter. Zero weights and
         # bias make it exactly 1 at first, so a gated model starts as the one it was built from.
         self.scale_fc = nn.Linear(hidden or width, out_channels) if saliency != "none" else None
-        if self.scale_fc is not None:
-            nn.init.zeros_(self.scale_fc.weight)
-            nn.init.zeros_(self.scale_fc.bias)
+        # The offset starts at zero too: the ranking the biases hold is the gate's first decision.
+        self.offset_fc = nn.Linear(hidden or width, 1) if offset else None
+        for head in (self.scale_fc, self.offset_fc):
+            if head is not None:
+                nn.init.zeros_(head.weight)
+                nn.init.zeros_(head.bias)
 
     @property
     def pool(self) -> int:
@@ -172,7 +181,7 @@ class Gate(nn.Module):
     def is_reference(self) -> bool:
         """Average pooling straight into one linear layer: the form the engine's fused native gate computes."""
         return (isinstance(self.features, PooledFeatures) and not self.features.with_max and self.hidden is None
-                and self.scale_fc is None)
+                and self.scale_fc is None and self.offset_fc is None)
 
     def heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Logits ``(N, C_out)`` that rank the filters, and the kept filters' scale ``(N, C_out)`` (None without saliency)."""
@@ -180,6 +189,8 @@ class Gate(nn.Module):
         if self.hidden is not None:
             z = F.relu(self.hidden(z))
         logits = self.fc(z)
+        if self.offset_fc is not None:
+            logits = logits + self.offset_fc(z)
         if self.scale_fc is None:
             return logits, None
         u = self.scale_fc(z)
@@ -190,14 +201,16 @@ class Gate(nn.Module):
 
     def macs(self, in_channels: int, height: int, width: int) -> int:
         """Per-sample cost: the features, then the linear layers (the scale's multiply rides on the mask's)."""
-        lin = sum(m.in_features * m.out_features for m in (self.fc, self.hidden, self.scale_fc) if m is not None)
+        heads = (self.fc, self.hidden, self.scale_fc, self.offset_fc)
+        lin = sum(m.in_features * m.out_features for m in heads if m is not None)
         return self.features.macs(in_channels, height, width) + lin
 
 
 def build_gate(config: GateConfig, in_channels: int, out_channels: int) -> Gate:
     """The gate ``config`` asks for, for a unit of ``in_channels`` inputs and ``out_channels`` filters."""
     features = PooledFeatures(config.pool_size(in_channels), config.softmax, config.features == "avgmax")
-    return Gate(in_channels, out_channels, features=features, hidden=config.hidden, saliency=config.saliency)
+    return Gate(in_channels, out_channels, features=features, hidden=config.hidden, saliency=config.saliency,
+                offset=config.offset)
 
 
 __all__ = ["FEATURES", "MODES", "RULES", "SALIENCY", "SCOPES", "Gate", "GateConfig", "PooledFeatures", "build_gate"]

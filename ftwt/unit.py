@@ -20,6 +20,7 @@ from torch import nn
 
 from ftwt._ops import ACTIVATIONS
 from ftwt.criteria import CRITERIA, ground_truth
+from ftwt.errors import ConfigError
 from ftwt.gate import GateConfig, build_gate
 
 MASK_SOURCES = ("gate", "ground_truth", "none")
@@ -97,6 +98,10 @@ class GatedUnit(nn.Module):
         self.register_buffer("criterion_id", torch.tensor(_CRITERIA.index(config.criterion)))
         self.register_buffer("label_threshold", torch.tensor(config.threshold, dtype=torch.float64))
         self.register_buffer("decision_threshold", torch.tensor(config.decision, dtype=torch.float64))
+        if config.rule == "budget":
+            # The inference cut of the "budget" rule: a running mean of the training batches' cuts
+            # (as BatchNorm keeps its statistics); NaN until the first training batch.
+            self.register_buffer("budget_cut", torch.tensor(float("nan")))
         self._values: dict[str, Any] = {}  # the buffers as Python numbers: read every forward, no device sync
         self._refresh()
         self.masks: str | MaskFn = "gate"  # set by ftwt.record
@@ -168,10 +173,35 @@ class GatedUnit(nn.Module):
         """Filters computed per sample under the ``topk`` rule: what the uniform criterion keeps."""
         return max(1, self.out_channels - math.floor(self.threshold * self.out_channels))
 
+    def _batch_cut(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rule ``budget`` in training: the batch's ``N * k`` largest (sample, filter) logits, and
+        the cut halfway between the last kept and the first dropped."""
+        flat = logits.detach().flatten()
+        k = logits.shape[0] * self.k
+        if k >= flat.numel():
+            return torch.ones_like(logits, dtype=torch.bool), flat.min() - 1.0
+        top = flat.topk(k + 1)
+        keep = torch.zeros_like(flat, dtype=torch.bool).scatter_(0, top.indices[:k], True)
+        return keep.view_as(logits), (top.values[k - 1] + top.values[k]) / 2
+
     def decide(self, logits: torch.Tensor) -> torch.Tensor:
         """The gate's mask for ``logits``: filters whose probability exceeds :attr:`decision`
-        (rule ``threshold``), or each sample's ``k`` largest logits (rule ``topk``)."""
+        (rule ``threshold``), each sample's ``k`` largest logits (rule ``topk``), or (rule
+        ``budget``) the batch's largest in training and those above the learnt cut otherwise."""
         with torch.no_grad():  # the mask itself carries no gradient (see _straight_through)
+            if self.config.rule == "budget":
+                if not self.training:
+                    if torch.isnan(self.budget_cut):
+                        raise ConfigError(f"{self.name}: a 'budget' gate decides by a cut learnt in training; "
+                                          "train it (or run a training-mode forward) before evaluating")
+                    return logits > self.budget_cut.to(logits.dtype)
+                mask, cut = self._batch_cut(logits)
+                cut = cut.to(self.budget_cut.dtype)
+                if torch.isnan(self.budget_cut):
+                    self.budget_cut.copy_(cut)
+                else:
+                    self.budget_cut.lerp_(cut, 0.1)
+                return mask
             if self.config.rule == "topk":
                 top = logits.topk(self.k, dim=1).indices
                 return torch.zeros_like(logits, dtype=torch.bool).scatter_(1, top, True)
@@ -184,7 +214,9 @@ class GatedUnit(nn.Module):
         The boundary is ``logit(decision)`` for ``threshold``, and halfway between each sample's
         k-th and (k+1)-th logit for ``topk``.
         """
-        if self.config.rule == "topk":
+        if self.config.rule == "budget":
+            centre = self._batch_cut(logits)[1]
+        elif self.config.rule == "topk":
             if self.k < self.out_channels:
                 top = logits.detach().topk(self.k + 1, dim=1).values
                 centre = (top[:, -2:-1] + top[:, -1:]) / 2

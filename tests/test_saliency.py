@@ -102,3 +102,68 @@ def test_engine_applies_the_scale_exactly_and_counts_the_head(saliency):
     with counter:
         engine(x[:1])
     assert counter.get_total_flops() // 2 == round(meter.report().dynamic_macs) - pooling
+
+
+BUDGET = {**PLUS, "rule": "budget", "offset": True}
+
+
+def _budget_model(seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    model = attach_gates(randomize_bn(get_model("resnet20", num_classes=10)), GateConfig(**BUDGET))
+    init_gates_from_weights(model)
+    with torch.no_grad():
+        for unit in gated_units(model):  # inputs now differ in how many filters they ask for
+            unit.gate.offset_fc.weight.normal_(std=0.3)
+    return model
+
+
+def test_budget_rule_shares_the_batch_budget_between_samples_and_learns_its_cut():
+    model = _budget_model().train()
+    x = torch.randn(8, 3, 32, 32)
+    with torch.no_grad(), record(model, labels=False) as rec:
+        model(x)
+    counts = {u.name: rec.masks[u.name].sum(1) for u in gated_units(model)}
+    for unit in gated_units(model):
+        assert int(counts[unit.name].sum()) == 8 * unit.k  # the unit's budget, exactly
+        assert not torch.isnan(unit.budget_cut)
+    assert any(len(set(c.tolist())) > 1 for c in counts.values())  # but not the same count for every sample
+    model.eval()  # inference: the learnt cut, one sample at a time
+    with torch.no_grad(), record(model, labels=False) as rec:
+        model(x[:1])
+    for unit in gated_units(model):
+        logits = unit.logits
+        assert torch.equal(rec.masks[unit.name], logits > unit.budget_cut)
+
+
+def test_budget_gate_without_a_training_batch_is_refused():
+    model = attach_gates(get_model("resnet20", num_classes=10), GateConfig(**BUDGET)).eval()
+    with pytest.raises(ConfigError, match="cut learnt in training"), torch.no_grad(), record(model):
+        model(torch.randn(1, 3, 32, 32))
+    with pytest.raises(ConfigError, match="uniform"):
+        GateConfig(rule="budget", criterion="mass", threshold=0.8)
+
+
+def test_offset_starts_at_zero_and_the_budget_gate_starts_as_the_static_choice():
+    model = attach_gates(randomize_bn(get_model("resnet20", num_classes=10)), GateConfig(**BUDGET)).train()
+    init_gates_from_weights(model)
+    with torch.no_grad(), record(model, labels=False) as rec:
+        model(torch.randn(4, 3, 32, 32))
+    for unit in gated_units(model):
+        mask = rec.masks[unit.name]
+        assert (mask == mask[:1]).all() and int(mask[0].sum()) == unit.k
+
+
+def test_engine_and_checkpoint_carry_the_budget_gate():
+    model = _budget_model(seed=2).train()
+    with torch.no_grad(), record(model, labels=False):
+        model(torch.randn(16, 3, 32, 32))
+    model.eval()
+    x = torch.randn(3, 3, 32, 32)
+    ref, _ = _forward(model, x)
+    engine = SparseEngine(model, kernel="torch")
+    out = torch.cat([engine(x[i: i + 1]) for i in range(3)])
+    assert torch.allclose(out, ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
+    again = attach_gates(get_model("resnet20", num_classes=10), GateConfig(**BUDGET))
+    again.load_state_dict(model.state_dict())
+    again.eval()
+    assert torch.allclose(_forward(again, x)[0], ref)

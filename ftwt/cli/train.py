@@ -64,9 +64,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="a method preset applied before the recipe and flags: ftwt+ is the recommended dynamic mode")
     g.add_argument("--gate-features", dest="gate_features", help="avg (default) or avgmax")
     g.add_argument("--gate-hidden", dest="gate_hidden", type=int, help="hidden layer width in each gate (default 0)")
-    g.add_argument("--gate-rule", dest="gate_rule", help="threshold (default) or topk (with --criterion uniform)")
+    g.add_argument("--gate-rule", dest="gate_rule", help="threshold (default), topk or budget (with --criterion uniform)")
     g.add_argument("--gate-saliency", dest="gate_saliency",
                    help="none (default); scale: a second gate head scales each kept filter; rank: and picks them")
+    g.add_argument("--gate-offset", dest="gate_offset", action=_BOOL,
+                   help="a per-sample offset of each unit's logits (with --gate-rule budget: how many filters it keeps)")
     g.add_argument("--gate-ste", dest="gate_ste", action=_BOOL, help="task loss trains the gates (straight-through)")
     g.add_argument("--gate-scope", dest="gate_scope", help="all (default) or internal (skip units feeding a residual add)")
     g.add_argument("--gate-init", dest="gate_init", help="random (default) or weights: start as the static L1 choice")

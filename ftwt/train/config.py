@@ -75,10 +75,11 @@ class TrainConfig:
     gate_embed: int | None = None  # if set, d = round(sqrt(gate_embed / C_in)) per unit
     gate_features: str = "avg"  # gate input: "avg" pooling (reference) or "avgmax" (average and max)
     gate_hidden: int = 0  # hidden ReLU layer width in each gate (0: one linear layer, reference)
-    gate_rule: str = "threshold"  # "threshold" (sigmoid > decision, reference) or "topk" (with criterion uniform)
+    gate_rule: str = "threshold"  # "threshold" (sigmoid > decision, reference), "topk" or "budget" (criterion uniform)
     gate_ste: bool = False  # straight-through: the task loss trains the gates through their decisions
     gate_scope: str = "all"  # "all" units, or "internal": not those whose output feeds a residual add
     gate_saliency: str = "none"  # "scale": a second head scales each kept filter per sample; "rank": and ranks them
+    gate_offset: bool = False  # a per-sample offset of all of a unit's logits (with gate_rule "budget": how many it keeps)
     gate_init: str = "random"  # "random", or "weights": gates start as the static L1 choice of filters
     gate_warmup: int = 0  # steps fitting the gates to the frozen init model's labels before training
     masks: str = "gate"  # masks applied in training and evaluation: "gate", or "ground_truth" (the oracle bound)
@@ -162,7 +163,7 @@ class TrainConfig:
         return GateConfig(criterion=self.criterion, threshold=threshold, mode=self.mode, pool=self.gate_pool,
                           embed_target=self.gate_embed, softmax=self.gate_softmax, features=self.gate_features,
                           hidden=self.gate_hidden, rule=self.gate_rule, ste=self.gate_ste, scope=self.gate_scope,
-                          saliency=self.gate_saliency)
+                          saliency=self.gate_saliency, offset=self.gate_offset)
 
     def gate_config(self) -> GateConfig | None:
         """The :class:`GateConfig` of this run (None for a dense run)."""
