@@ -14,7 +14,11 @@ order and augmentation. Methods:
   channels, average and max pooled inputs, the top ``1 - rho`` filters of each sample, the
   gates starting as the static L1 choice and trained by the task loss alone through a
   straight-through estimator; ``--gate-init fit --lam 1`` is the variant whose gates are
-  first fitted to the dense model's top-k labels and keep learning them (BCE);
+  first fitted to the dense model's top-k labels and keep learning them (BCE); ``--saliency
+  scale|rank`` adds a second gate head that scales each kept filter per sample (and, with
+  ``rank``, also ranks them), trained with the backbone; ``--rule budget --offset`` lets inputs
+  share a unit's budget (a per-sample count); ``--cooldown 0`` freezes the decisions at the
+  static L1 choice, the control; ``--seed`` repeats a run with other gates and data order;
 * ``static``: a Torch-Pruning model of the MACs a dynamic run achieved (``--match RUN``),
   uniform over all channel groups (``--scope all``) or over the blocks' inner channels
   only (``--scope internal``), fine-tuned the same way.
@@ -192,9 +196,9 @@ def _latency(args: argparse.Namespace) -> None:
             continue  # needs the full output for its labels: nothing to deploy
         model = _load(out, res["name"])
         if res["method"] in GATED:
-            for kernel in ("torch", "native"):
-                engine = ftwt.SparseEngine(model, kernel=kernel)
-                fns[f"{res['name']}|{kernel}"] = (lambda e, it: lambda: e(next(it)))(engine, _cycle(xs))
+            # The default engine: each convolution's kernel chosen by timing, then checked whole.
+            engine = ftwt.SparseEngine(model, kernel="auto", example=xs[0])
+            fns[f"{res['name']}|auto"] = (lambda e, it: lambda: e(next(it)))(engine, _cycle(xs))
         else:
             fns[res["name"]] = (lambda m, it: lambda: m(next(it)))(model.eval(), _cycle(xs))
     ms = time_calls(fns, threads=1, min_run_time=args.min_run_time)
@@ -220,7 +224,7 @@ def _table(args: argparse.Namespace) -> None:
     lat = json.loads((out / "latency.json").read_text()) if (out / "latency.json").exists() else {"ms": {}}
     rows = [json.loads(p.read_text()) for p in sorted((out / "results").glob("*.json"))]
     print("| run | method | top-1 | honest FLOPs red. | reference-style red. | decisions varying | labels varying "
-          "| gate lift | train top-1 | batch-1 ms (engine torch / native, or model) |")
+          "| gate lift | train top-1 | batch-1 ms (engine, or the pruned model) |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     ms = lat["ms"]
     print(f"| dense | dense | {args.dense_top1 or '-'} | - | - | - | - | - | - | {ms.get('dense', float('nan')):.2f} |")
@@ -230,8 +234,7 @@ def _table(args: argparse.Namespace) -> None:
 
     for r in rows:
         gated = r["method"] in GATED
-        t = (f"{ms.get(r['name'] + '|torch', float('nan')):.2f} / {ms.get(r['name'] + '|native', float('nan')):.2f}"
-             if gated else f"{ms.get(r['name'], float('nan')):.2f}")
+        t = f"{ms.get(r['name'] + ('|auto' if gated else ''), float('nan')):.2f}"
         lift = r.get("gate_lift")
         print(f"| {r['name']} | {r['method']} | {r['top1']:.2f}% | {pct(r['flops_reduction'])} | "
               f"{pct(r.get('reference_reduction')) if gated else '-'} | {pct(r.get('varying_fraction'))} | "
