@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader
 
 from ftwt._io import atomic_write_text
 from ftwt.checkpoint import load_checkpoint, save_checkpoint
-from ftwt.estimate import estimate
+from ftwt.estimate import estimate, first_samples
 from ftwt.evaluate import evaluate
 from ftwt.train import PRESETS, TrainConfig, Trainer, load_model, load_trained
 from ftwt.train._files import read_metrics
@@ -53,7 +53,7 @@ class Harness:
         self.val = DataLoader(val_set, batch_size=self.base.batch_size, num_workers=self.base.workers)
         plain = DataLoader(train_set, batch_size=self.base.batch_size, shuffle=False)
         torch.manual_seed(self.base.seed)  # the same augmented samples, so the same budgets, on every invocation
-        self.samples = _take((x for x, _ in plain), cfg.estimate_samples)
+        self.samples = first_samples(plain, cfg.estimate_samples)
         self.example = torch.zeros(1, *self.info.input_size)
         self.num_classes = self.base.num_classes or self.info.num_classes
         self._dense = load_model(cfg.model, self.num_classes, cfg.init, **self.base.model_kwargs())  # read once
@@ -157,7 +157,7 @@ class Harness:
         from ftwt.bench import time_calls
         from ftwt.engine import SparseEngine
 
-        xs = [x[None] for x in torch.cat(_take((x for x, _ in self.val), self.cfg.latency_samples))]
+        xs = [x[None] for x in torch.cat(first_samples(self.val, self.cfg.latency_samples))]
         fns: dict[str, Callable[[], Any]] = {}
         for row in rows:
             run = Path(row["run"])
@@ -196,17 +196,6 @@ class _Epochs:
 
         self.epoch += 1
         return iter(tqdm(self.loader, desc=f"{self.name} epoch {self.epoch}", leave=False, disable=not self.progress))
-
-
-def _take(batches: Any, n: int) -> list[torch.Tensor]:
-    """The first ``n`` samples of ``batches``, as batches."""
-    out, seen = [], 0
-    for x in batches:
-        out.append(x[: n - seen])
-        seen += out[-1].shape[0]
-        if seen >= n:
-            break
-    return out
 
 
 def _call(fn: Callable[[torch.Tensor], Any], xs: list[torch.Tensor]) -> Callable[[], Any]:

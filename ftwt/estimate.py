@@ -71,7 +71,8 @@ def _perfect_gates(model: nn.Module, config: GateConfig) -> Iterator[nn.Module]:
             detach_gates(model)
 
 
-def _cache(batches: Iterable[torch.Tensor], samples: int | None) -> list[torch.Tensor]:
+def first_samples(batches: Iterable[Any], samples: int | None) -> list[torch.Tensor]:
+    """The first ``samples`` inputs of ``batches`` (tensors, or ``(x, y)`` pairs), as batches; all for None."""
     out, seen = [], 0
     for x in batches:
         if isinstance(x, (tuple, list)):
@@ -84,7 +85,7 @@ def _cache(batches: Iterable[torch.Tensor], samples: int | None) -> list[torch.T
         if samples is not None and seen >= samples:
             break
     if not out:
-        raise ConfigError("no samples to estimate on")
+        raise ConfigError("no input samples: the data is empty")
     return out
 
 
@@ -111,7 +112,7 @@ def estimate(
         >>> print(f"{est.reduction:.1%}")
     """
     config = GateConfig(criterion=criterion, threshold=threshold)
-    data = _cache(batches, samples)
+    data = first_samples(batches, samples)
     with _perfect_gates(model, config):
         return Estimate(criterion, threshold, measure(model, data, device))
 
@@ -136,7 +137,7 @@ def find_threshold(
     """
     if not 0.0 <= target_reduction < 1.0:
         raise ConfigError(f"target reduction must be in [0, 1), got {target_reduction}")
-    data = _cache(batches, samples)
+    data = first_samples(batches, samples)
     config = GateConfig(criterion="mass", threshold=1.0)
     with _perfect_gates(model, config):
 
