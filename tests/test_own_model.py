@@ -95,3 +95,17 @@ def test_readme_own_project_section(tmp_path, monkeypatch, capsys):
     assert "ftwt flops --model mynet:MyNet --per-layer" in section
     assert main(["flops", "--model", "mynet:MyNet", "--per-layer"]) == 0  # the folder it runs in is importable
     assert "dw.0" in capsys.readouterr().out
+
+
+def test_resume_a_run_on_the_users_model_and_data(run, tmp_path):
+    out, _ = run
+    resumed = tmp_path / "run"
+    resumed.mkdir()
+    (resumed / "last.pt").write_bytes((out / "last.pt").read_bytes())
+    trainer = Trainer.resume(str(resumed / "last.pt"), {"epochs": 2, "out_dir": str(resumed)}, model=TinyNet(),
+                             train_data=DataLoader(_data(), batch_size=8), val_data=_data(16, 1))
+    first = Checkpoint.load(out / "last.pt")
+    assert all(torch.equal(trainer.model.state_dict()[k], v) for k, v in first.model.items())
+    report = trainer.fit()
+    assert report["epochs"] == 2 and report["dataset"] == "custom"
+    assert Checkpoint.load(resumed / "last.pt").epoch == 2

@@ -120,17 +120,21 @@ class Trainer:
         self.net = self._wrap(train_gates=self.gated and cfg.masks == "gate")
 
     @classmethod
-    def resume(cls, path: str, overrides: dict[str, Any] | None = None, callbacks: Sequence[Callback] = ()) -> Trainer:
+    def resume(cls, path: str, overrides: dict[str, Any] | None = None, callbacks: Sequence[Callback] = (), *,
+               model: nn.Module | None = None, train_data: Data | None = None, val_data: Data | None = None) -> Trainer:
         """A trainer that continues the run saved in ``path`` (a ``last.pt``) exactly.
 
-        ``overrides`` changes config keys, e.g. ``{"epochs": 300}`` to train longer.
+        ``overrides`` changes config keys, e.g. ``{"epochs": 300}`` to train longer. A run that
+        was given its own ``model`` and data gets them again here (a fresh instance of the same
+        model; the checkpoint's weights, gates and optimizer state are loaded into it).
 
         Raises:
             CheckpointError: the file is missing, corrupt, not a training checkpoint, or its
                 model differs from the (overridden) config's.
         """
         ckpt, config = resume_config(path, overrides)
-        return cls(config, callbacks, _state=ckpt, _resume_path=path)
+        return cls(config, callbacks, model=model, train_data=train_data, val_data=val_data, _state=ckpt,
+                   _resume_path=path)
 
     # Phases ----------------------------------------------------------------------------------
     def on_start(self) -> None:
