@@ -20,7 +20,6 @@ from torch import nn
 
 from ftwt._ops import ACTIVATIONS
 from ftwt.criteria import CRITERIA, ground_truth
-from ftwt.errors import ConfigError
 from ftwt.gate import GateConfig, build_gate
 
 MASK_SOURCES = ("gate", "ground_truth", "none")
@@ -187,14 +186,15 @@ class GatedUnit(nn.Module):
     def decide(self, logits: torch.Tensor) -> torch.Tensor:
         """The gate's mask for ``logits``: filters whose probability exceeds :attr:`decision`
         (rule ``threshold``), each sample's ``k`` largest logits (rule ``topk``), or (rule
-        ``budget``) the batch's largest in training and those above the learnt cut otherwise."""
+        ``budget``) the batch's largest in training and those above the learnt cut otherwise
+        (each sample's ``k`` largest until a training batch has set the cut)."""
         with torch.no_grad():  # the mask itself carries no gradient (see _straight_through)
             if self.config.rule == "budget":
-                if not self.training:
-                    if torch.isnan(self.budget_cut):
-                        raise ConfigError(f"{self.name}: a 'budget' gate decides by a cut learnt in training; "
-                                          "train it (or run a training-mode forward) before evaluating")
+                if not self.training and not torch.isnan(self.budget_cut):
                     return logits > self.budget_cut.to(logits.dtype)
+                if not self.training:  # no cut learnt yet: the same budget, per sample (rule topk)
+                    top = logits.topk(self.k, dim=1).indices
+                    return torch.zeros_like(logits, dtype=torch.bool).scatter_(1, top, True)
                 mask, cut = self._batch_cut(logits)
                 cut = cut.to(self.budget_cut.dtype)
                 if torch.isnan(self.budget_cut):

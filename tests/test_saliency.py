@@ -135,10 +135,13 @@ def test_budget_rule_shares_the_batch_budget_between_samples_and_learns_its_cut(
         assert torch.equal(rec.masks[unit.name], logits > unit.budget_cut)
 
 
-def test_budget_gate_without_a_training_batch_is_refused():
-    model = attach_gates(get_model("resnet20", num_classes=10), GateConfig(**BUDGET)).eval()
-    with pytest.raises(ConfigError, match="cut learnt in training"), torch.no_grad(), record(model):
-        model(torch.randn(1, 3, 32, 32))
+def test_budget_gate_before_any_training_batch_keeps_each_samples_top_k():
+    model = _budget_model().eval()
+    with torch.no_grad(), record(model, labels=False) as rec:
+        model(torch.randn(3, 3, 32, 32))
+    for unit in gated_units(model):
+        assert torch.isnan(unit.budget_cut)
+        assert (rec.masks[unit.name].sum(1) == unit.k).all()
     with pytest.raises(ConfigError, match="uniform"):
         GateConfig(rule="budget", criterion="mass", threshold=0.8)
 
@@ -167,3 +170,17 @@ def test_engine_and_checkpoint_carry_the_budget_gate():
     again.load_state_dict(model.state_dict())
     again.eval()
     assert torch.allclose(_forward(again, x)[0], ref)
+
+
+@pytest.mark.parametrize("options", [{"gate_saliency": "rank"}, {"gate_rule": "budget", "gate_offset": True}])
+def test_trainer_trains_and_reloads_the_new_gates(tmp_path, options):
+    cfg = ftwt.TrainConfig.from_preset("ftwt+", model="resnet20", epochs=1, train_subset=64, val_subset=32,
+                                       batch_size=32, workers=0, progress=False, out_dir=str(tmp_path), **options)
+    report = ftwt.Trainer(cfg).fit()
+    assert 0.3 < report["flops_reduction"] < 0.7
+    model, _ = ftwt.load_trained(tmp_path / "last.pt")
+    unit = gated_units(model)[0]
+    assert (unit.gate.scale_fc is not None) == ("gate_saliency" in options)
+    assert (unit.gate.offset_fc is not None) == ("gate_offset" in options)
+    if "gate_rule" in options:  # the learnt cut travels with the checkpoint
+        assert not torch.isnan(unit.budget_cut)
