@@ -189,12 +189,8 @@ class GatedUnit(nn.Module):
         ``budget``) the batch's largest in training and those above the learnt cut otherwise
         (each sample's ``k`` largest until a training batch has set the cut)."""
         with torch.no_grad():  # the mask itself carries no gradient (see _straight_through)
-            if self.config.rule == "budget":
-                if not self.training and not torch.isnan(self.budget_cut):
-                    return logits > self.budget_cut.to(logits.dtype)
-                if not self.training:  # no cut learnt yet: the same budget, per sample (rule topk)
-                    top = logits.topk(self.k, dim=1).indices
-                    return torch.zeros_like(logits, dtype=torch.bool).scatter_(1, top, True)
+            rule = self.config.rule
+            if rule == "budget" and self.training:
                 mask, cut = self._batch_cut(logits)
                 cut = cut.to(self.budget_cut.dtype)
                 if torch.isnan(self.budget_cut):
@@ -202,7 +198,9 @@ class GatedUnit(nn.Module):
                 else:
                     self.budget_cut.lerp_(cut, 0.1)
                 return mask
-            if self.config.rule == "topk":
+            if rule == "budget" and not torch.isnan(self.budget_cut):
+                return logits > self.budget_cut.to(logits.dtype)
+            if rule in ("topk", "budget"):  # a budget gate with no cut learnt yet: the same budget per sample
                 top = logits.topk(self.k, dim=1).indices
                 return torch.zeros_like(logits, dtype=torch.bool).scatter_(1, top, True)
             return torch.sigmoid(logits) > self.decision
@@ -214,8 +212,9 @@ class GatedUnit(nn.Module):
         The boundary is ``logit(decision)`` for ``threshold``, and halfway between each sample's
         k-th and (k+1)-th logit for ``topk``.
         """
-        if self.config.rule == "budget":
-            centre = self._batch_cut(logits)[1]
+        if self.config.rule == "budget":  # the batch's cut, read off the mask decide() just made
+            d = logits.detach()
+            centre = (d[mask].min() + d[~mask].max()) / 2 if not bool(mask.all()) else d.min() - 1.0
         elif self.config.rule == "topk":
             if self.k < self.out_channels:
                 top = logits.detach().topk(self.k + 1, dim=1).values

@@ -390,11 +390,11 @@ class SparseConv:
             y = depthwise(self, x, out, hw)
         else:
             y = grouped(self, x, out, hw)
-        if mask is not None and (n > 1 or extra):
-            # Filters kept for another sample of the batch (or only for rounding) are zero here.
-            y = y * (mask if out is None else mask.index_select(1, out)).to(y.dtype)[:, :, None, None]
-        if scale is not None:
-            y = y * (scale if out is None else scale.index_select(1, out)).to(y.dtype)[:, :, None, None]
+        factor = scale  # one product for the mask and the saliency scale
+        if mask is not None and (n > 1 or extra):  # zero the filters kept only for another sample or for rounding
+            factor = mask.to(y.dtype) if scale is None else mask * scale
+        if factor is not None:
+            y = y * (factor if out is None else factor.index_select(1, out)).to(y.dtype)[:, :, None, None]
         if self.act is not None:
             y = self.act(y)
         return Compact(y, out, self.c_out, self.nonneg)
