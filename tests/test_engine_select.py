@@ -126,3 +126,32 @@ def test_dense_units_report_their_executed_macs():
         engine.set_choices({"nope": "dense"})
     with pytest.raises(ConfigError, match="mode"):
         engine.set_choices({gated_units(model)[0].name: "fast"})
+
+
+def test_max_pool_runs_in_the_layout_timed_fastest(monkeypatch):
+    from ftwt.engine import _channelwise
+
+    calls = []
+
+    def fake_fastest(fn, options, repeats=3):  # a CPU where NCHW wins, as in PyTorch's scalar build
+        calls.append(options)
+        return torch.contiguous_format
+
+    monkeypatch.setattr(_channelwise, "_fastest", fake_fastest)
+    pool = _channelwise._max_pool(3, 2, 1)
+    x = torch.rand(1, 16, 64, 64).contiguous(memory_format=torch.channels_last)
+    ref = torch.nn.functional.max_pool2d(x.contiguous(), 3, 2, 1)
+    for _ in range(3):  # timed once per input shape and layout
+        y = pool(x)
+        assert torch.equal(y, ref) and y.is_contiguous()
+    assert len(calls) == 1 and torch.channels_last in calls[0]
+    small = torch.rand(1, 4, 8, 8)  # too small to time: runs as it comes
+    assert torch.equal(pool(small), torch.nn.functional.max_pool2d(small, 3, 2, 1)) and len(calls) == 1
+
+
+def test_fastest_takes_the_quickest_option():
+    import time
+
+    from ftwt.engine._channelwise import _fastest
+
+    assert _fastest(lambda delay: time.sleep(delay), (0.02, 0.0, 0.01)) == 0.0

@@ -8,6 +8,7 @@ activations, pooling, spatial slicing (``x[:, :, ::2, ::2]``), dropout in eval m
 from __future__ import annotations
 
 import operator
+import time
 from collections.abc import Callable
 from functools import partial
 from typing import Any
@@ -31,8 +32,9 @@ _EXTRA_FUNCTIONS = {F.leaky_relu, F.elu, torch.tanh, F.hardtanh}
 _POOL_MODULES = (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
 _POOL_FUNCTIONS = {F.max_pool2d, F.avg_pool2d, F.adaptive_avg_pool2d, F.adaptive_max_pool2d}
 _INPLACE_KW = ("inplace",)
-# Below this many values the conversion to oneDNN's format costs more than the pooling saves.
-_ONEDNN_MIN_NUMEL = 32768 if torch.backends.mkldnn.is_available() else 1 << 62
+# Max-pool inputs of at least this many values are timed in both memory layouts (smaller
+# maps cost too little for the layout to matter: they run as they come).
+_CHANNELS_LAST_MIN_NUMEL = 32768
 
 
 def channelwise(node: torch.fx.Node, modules: dict[str, nn.Module]) -> tuple[Callable, bool | None] | None:
@@ -84,21 +86,44 @@ def channelwise(node: torch.fx.Node, modules: dict[str, nn.Module]) -> tuple[Cal
 def _max_pool(
     kernel_size: Any, stride: Any = None, padding: Any = 0, dilation: Any = 1, ceil_mode: bool = False
 ) -> Callable[[torch.Tensor], torch.Tensor]:
-    """``F.max_pool2d`` with these settings, in channels-last memory on large CPU inputs.
+    """``F.max_pool2d`` with these settings, on large CPU inputs in the memory layout timed fastest here.
 
-    At batch 1 PyTorch's NCHW max-pool kernel and oneDNN's are both an order of magnitude
-    slower than its channels-last kernel (ResNet-18's stem pool), which vectorises over the
-    channels; converting an NCHW input first still wins. The values are the same.
+    Which layout wins depends on the CPU: where PyTorch's kernels are vectorised (AVX2,
+    AVX-512) its channels-last kernel is an order of magnitude faster than the NCHW one at
+    batch 1 (ResNet-18's stem pool), even counting the copy; in PyTorch's scalar build the
+    NCHW kernel is faster. So each input shape is timed once, as it comes, in channels-last
+    and in NCHW, and the fastest kept. The values are the same every way.
     """
     k, p, d = _pair(kernel_size), _pair(padding), _pair(dilation)
     s = _pair(stride) if stride is not None and stride != [] else k
+    layouts: dict[tuple[Any, ...], torch.memory_format | None] = {}  # input shape and layout -> the fastest
+
+    def run(t: torch.Tensor, layout: torch.memory_format | None) -> torch.Tensor:
+        return F.max_pool2d(t if layout is None else t.contiguous(memory_format=layout), k, s, p, d, ceil_mode)
 
     def pool(t: torch.Tensor) -> torch.Tensor:
-        if t.dim() == 4 and t.device.type == "cpu" and t.numel() >= _ONEDNN_MIN_NUMEL:
-            t = t.contiguous(memory_format=torch.channels_last)
-        return F.max_pool2d(t, k, s, p, d, ceil_mode)
+        if t.dim() != 4 or t.device.type != "cpu" or t.numel() < _CHANNELS_LAST_MIN_NUMEL:
+            return F.max_pool2d(t, k, s, p, d, ceil_mode)
+        key = (tuple(t.shape), t.dtype, t.is_contiguous(), t.is_contiguous(memory_format=torch.channels_last))
+        if key not in layouts:
+            layouts[key] = _fastest(lambda layout: run(t, layout), (None, torch.channels_last, torch.contiguous_format))
+        return run(t, layouts[key])
 
     return pool
+
+
+def _fastest(fn: Callable[[Any], Any], options: tuple[Any, ...], repeats: int = 3) -> Any:
+    """The option for which ``fn(option)`` ran fastest (the best of ``repeats`` calls each, after one warm-up)."""
+    best: dict[int, float] = {}
+    for i, option in enumerate(options):
+        fn(option)
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            fn(option)
+            times.append(time.perf_counter() - start)
+        best[i] = min(times)
+    return options[min(best, key=best.get)]
 
 
 def _pair(v: Any) -> tuple[int, int]:
