@@ -59,6 +59,9 @@ class GateConfig:
     saliency: str = "none"  # "scale": kept filters are multiplied by 2 * sigmoid(u), u from a second head that
     #   starts at zero (the identity); "rank": and the filters are ranked by logit + u, so what the task
     #   teaches the scale (an exact gradient) also moves which filters are computed
+    dynamic: float = 1.0  # with "topk": the share of each sample's k filters its gate chooses; the other
+    #   k - m are a static core (the unit's strongest filters by L1 x |gamma| when the gates are attached),
+    #   computed for every input and counted as kept in the labels too
 
     def __post_init__(self) -> None:
         self.validate()
@@ -85,6 +88,10 @@ class GateConfig:
                 raise ConfigError(f"unknown gate {name} {value!r}; choose from {list(choices)}")
         if self.hidden < 0:
             raise ConfigError(f"gate hidden width must be >= 0, got {self.hidden}")
+        if not 0.0 < self.dynamic <= 1.0:
+            raise ConfigError(f"dynamic share must be in (0, 1], got {self.dynamic}")
+        if self.dynamic < 1.0 and self.rule != "topk":
+            raise ConfigError(f"a static core (dynamic={self.dynamic}) needs gate rule 'topk', got {self.rule!r}")
         if self.rule in ("topk", "budget") and self.criterion != "uniform":
             raise ConfigError(f"gate rule {self.rule!r} keeps a fixed share per unit: use it with criterion 'uniform' "
                               "(threshold = the share of filters pruned)")

@@ -178,6 +178,8 @@ def attach_gates(
         if not isinstance(conv, nn.Conv2d):
             raise UnsupportedLayerError(f"{spec.conv}: {type(conv).__name__} is not an nn.Conv2d")
         unit = GatedUnit(spec, conv, config).to(device=conv.weight.device, dtype=conv.weight.dtype)
+        if config.dynamic < 1.0:
+            unit.set_core(static_importance(model, spec))
         unit._handles = [
             conv.register_forward_pre_hook(unit._on_input),
             named[spec.tail].register_forward_hook(unit._on_output),
@@ -270,26 +272,31 @@ def set_label_mode(model: nn.Module, mode: str) -> None:
         unit.labels_on = value
 
 
+def static_importance(model: nn.Module, spec: UnitSpec) -> torch.Tensor:
+    """The usual static criterion of each filter of a unit: the L1 norm of its convolution
+    weights times its norm's ``|gamma|`` (float64, ``(C_out,)``)."""
+    named = dict(model.named_modules())
+    score = named[spec.conv].weight.detach().abs().flatten(1).sum(1).double()
+    norm = named.get(spec.norm) if spec.norm else None
+    if norm is not None and getattr(norm, "weight", None) is not None:
+        score = score * norm.weight.detach().abs().double()
+    return score
+
+
 def init_gates_from_weights(model: nn.Module, strength: float = 1.0) -> None:
     """Start every gate as the static pruner: zero input weights, biases ranking the filters by magnitude.
 
-    A filter's importance is the L1 norm of its convolution weights times its norm's
-    ``|gamma|`` (the usual static criterion); the biases are its z-scores within the unit. With
-    the ``topk`` rule the first masks are then exactly the static choice of filters, the same
-    for every input; a gate moves away from it only where the task loss (``ste``) says that
-    the input calls for other filters.
+    A filter's importance is :func:`static_importance`; the biases are its z-scores within the
+    unit. With the ``topk`` rule the first masks are then exactly the static choice of filters,
+    the same for every input; a gate moves away from it only where the task loss (``ste``)
+    says that the input calls for other filters.
 
     ``strength`` multiplies the biases: below 1 the prior is weaker, so a saliency head
     (``GateConfig.saliency="rank"``) needs a smaller push to swap filters for an input.
     """
-    named = dict(model.named_modules())
     with torch.no_grad():
         for unit in gated_units(model):
-            conv = named[unit.spec.conv]
-            score = conv.weight.detach().abs().flatten(1).sum(1).double()
-            norm = named.get(unit.spec.norm) if unit.spec.norm else None
-            if norm is not None and getattr(norm, "weight", None) is not None:
-                score = score * norm.weight.detach().abs().double()
+            score = static_importance(model, unit.spec)
             z = (score - score.mean()) / score.std().clamp_min(1e-12) if score.numel() > 1 else score * 0
             unit.gate.fc.weight.zero_()
             unit.gate.fc.bias.copy_((strength * z).to(unit.gate.fc.bias.dtype))
@@ -325,4 +332,5 @@ __all__ = [
     "set_label_mode",
     "set_threshold",
     "skipped_units",
+    "static_importance",
 ]

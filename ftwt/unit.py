@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from ftwt._ops import ACTIVATIONS
-from ftwt.criteria import CRITERIA, ground_truth
+from ftwt.criteria import CRITERIA, filter_scores, ground_truth
 from ftwt.gate import GateConfig, build_gate
 
 MASK_SOURCES = ("gate", "ground_truth", "none")
@@ -101,6 +101,10 @@ class GatedUnit(nn.Module):
             # The inference cut of the "budget" rule: a running mean of the training batches' cuts
             # (as BatchNorm keeps its statistics); NaN until the first training batch.
             self.register_buffer("budget_cut", torch.tensor(float("nan")))
+        if config.dynamic < 1.0:
+            # The static core (GateConfig.dynamic): filters computed for every input. attach_gates
+            # sets it from the weights; a checkpoint's copy replaces it on load.
+            self.register_buffer("core", torch.zeros(conv.out_channels, dtype=torch.bool))
         self._values: dict[str, Any] = {}  # the buffers as Python numbers: read every forward, no device sync
         self._refresh()
         self.masks: str | MaskFn = "gate"  # set by ftwt.record
@@ -172,6 +176,24 @@ class GatedUnit(nn.Module):
         """Filters computed per sample under the ``topk`` rule: what the uniform criterion keeps."""
         return max(1, self.out_channels - math.floor(self.threshold * self.out_channels))
 
+    @property
+    def n_dynamic(self) -> int:
+        """Filters of the ``k`` that the gate chooses per sample; the others are the static core."""
+        return self.k if self.config.dynamic >= 1.0 else max(1, round(self.config.dynamic * self.k))
+
+    def set_core(self, importance: torch.Tensor) -> None:
+        """Make the ``k - n_dynamic`` filters of largest ``importance`` ``(C_out,)`` the static core."""
+        if self.config.dynamic >= 1.0:
+            raise ValueError(f"{self.name}: no static core without GateConfig.dynamic < 1")
+        top = importance.detach().flatten().topk(self.k - self.n_dynamic).indices
+        self.core.zero_()
+        self.core[top.to(self.core.device)] = True
+
+    def _ranked(self, logits: torch.Tensor) -> torch.Tensor:
+        """Logits with the static core (if any) ranked above every other filter."""
+        core = getattr(self, "core", None)
+        return logits if core is None else logits.masked_fill(core, float("inf"))
+
     def _batch_cut(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Rule ``budget`` in training: the batch's ``N * k`` largest (sample, filter) logits, and
         the cut halfway between the last kept and the first dropped."""
@@ -201,7 +223,7 @@ class GatedUnit(nn.Module):
             if rule == "budget" and not torch.isnan(self.budget_cut):
                 return logits > self.budget_cut.to(logits.dtype)
             if rule in ("topk", "budget"):  # a budget gate with no cut learnt yet: the same budget per sample
-                top = logits.topk(self.k, dim=1).indices
+                top = self._ranked(logits).topk(self.k, dim=1).indices
                 return torch.zeros_like(logits, dtype=torch.bool).scatter_(1, top, True)
             return torch.sigmoid(logits) > self.decision
 
@@ -217,13 +239,16 @@ class GatedUnit(nn.Module):
             centre = (d[mask].min() + d[~mask].max()) / 2 if not bool(mask.all()) else d.min() - 1.0
         elif self.config.rule == "topk":
             if self.k < self.out_channels:
-                top = logits.detach().topk(self.k + 1, dim=1).values
+                top = self._ranked(logits.detach()).topk(self.k + 1, dim=1).values
                 centre = (top[:, -2:-1] + top[:, -1:]) / 2
             else:
                 centre = logits.detach().amin(1, keepdim=True) - 1.0
         else:
             centre = logits.new_tensor(math.log(self.decision / (1.0 - self.decision)))
         soft = torch.sigmoid(logits - centre)
+        core = getattr(self, "core", None)
+        if core is not None:  # the core is kept whatever its logits say: no gradient to them
+            soft = soft.masked_fill(core, 0.0)
         return mask.to(soft.dtype) + (soft - soft.detach())
 
     def predict(self, x: torch.Tensor) -> torch.Tensor:
@@ -234,7 +259,15 @@ class GatedUnit(nn.Module):
     def ground_truth(self, y: torch.Tensor) -> torch.Tensor:
         """Labels of the unit output ``y``, read after the unit's activation (a filter ReLU silences does not fire)."""
         act = ACTIVATIONS.get(self.spec.act or "")
-        return ground_truth(act.fn(y.detach()) if act is not None else y, self.criterion, self.threshold)
+        y = act.fn(y.detach()) if act is not None else y.detach()
+        core = getattr(self, "core", None)
+        if core is not None:
+            # Labels with the static core kept: the rest of the k are each sample's strongest
+            # other filters, so the labels ask of the gate only what it decides.
+            scores = filter_scores(y)
+            scores = torch.where(core, scores.amax(1, keepdim=True) * 2 + 1, scores)
+            return CRITERIA[self.criterion](scores, self.threshold)
+        return ground_truth(y, self.criterion, self.threshold)
 
     def gate_macs(self) -> int:
         """Per-sample cost of this gate for the last input seen."""

@@ -69,6 +69,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="none (default); scale: a second gate head scales each kept filter; rank: and picks them")
     g.add_argument("--gate-offset", dest="gate_offset", action=_BOOL,
                    help="a per-sample offset of each unit's logits (with --gate-rule budget: how many filters it keeps)")
+    g.add_argument("--gate-dynamic", dest="gate_dynamic", type=float,
+                   help="with --gate-rule topk: share of each input's filters its gate picks; the rest, the unit's "
+                   "strongest by L1 x |gamma|, are a static core computed for every input (default 1: all picked)")
     g.add_argument("--gate-ste", dest="gate_ste", action=_BOOL, help="task loss trains the gates (straight-through)")
     g.add_argument("--gate-scope", dest="gate_scope", help="all (default) or internal (skip units feeding a residual add)")
     g.add_argument("--gate-init", dest="gate_init", help="random (default) or weights: start as the static L1 choice")

@@ -80,6 +80,7 @@ class TrainConfig:
     gate_scope: str = "all"  # "all" units, or "internal": not those whose output feeds a residual add
     gate_saliency: str = "none"  # "scale": a second head scales each kept filter per sample; "rank": and ranks them
     gate_offset: bool = False  # a per-sample offset of all of a unit's logits (with gate_rule "budget": how many it keeps)
+    gate_dynamic: float = 1.0  # with gate_rule "topk": share of each sample's filters the gate picks; the rest a static core
     gate_init: str = "random"  # "random", or "weights": gates start as the static L1 choice of filters
     gate_warmup: int = 0  # steps fitting the gates to the frozen init model's labels before training
     masks: str = "gate"  # masks applied in training and evaluation: "gate", or "ground_truth" (the oracle bound)
@@ -163,7 +164,8 @@ class TrainConfig:
         return GateConfig(criterion=self.criterion, threshold=threshold, mode=self.mode, pool=self.gate_pool,
                           embed_target=self.gate_embed, softmax=self.gate_softmax, features=self.gate_features,
                           hidden=self.gate_hidden, rule=self.gate_rule, ste=self.gate_ste, scope=self.gate_scope,
-                          saliency=self.gate_saliency, offset=self.gate_offset)
+                          saliency=self.gate_saliency, offset=self.gate_offset,
+                          dynamic=self.gate_dynamic)
 
     def gate_config(self) -> GateConfig | None:
         """The :class:`GateConfig` of this run (None for a dense run)."""
