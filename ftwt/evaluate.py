@@ -34,7 +34,7 @@ from ftwt.errors import ConfigError, DataError
 from ftwt.flops import FlopsMeter, FlopsReport
 from ftwt.record import Record, record
 from ftwt.surgery import gated_units, is_gated
-from ftwt.unit import GatedUnit
+from ftwt.unit import GatedUnit, MaskFn
 
 
 def _ratio(num: float, den: float) -> float | None:
@@ -87,7 +87,7 @@ def evaluate(
     distributed: bool = False,
     max_batches: int | None = None,
     ground_truth: bool = True,
-    masks: str = "gate",
+    masks: str | MaskFn = "gate",
 ) -> dict[str, Any]:
     """Accuracy, FLOPs and gate statistics of ``model`` over ``loader``.
 
@@ -114,7 +114,8 @@ def evaluate(
             gives a cheaper check (accuracy, FLOPs, how dynamic the masks are) without the
             keys that need labels.
         masks: the masks applied: ``"gate"`` (predicted) or ``"ground_truth"`` (the oracle
-            bound: perfect gates, which cannot be deployed since labels need the full output).
+            bound: perfect gates, which cannot be deployed since labels need the full output),
+            or a mask rule ``(unit, logits, labels) -> mask`` as :func:`ftwt.record` takes.
 
     Returns:
         A JSON-ready dict: ``top1``, ``top5`` (percent; top-5 is top-min(5, classes)),
@@ -148,8 +149,8 @@ def evaluate(
     task = torch.zeros(4, dtype=torch.float64, device=device)  # top1 hits, top5 hits, loss sum, samples
     was_training = model.training
     model.eval()
-    if masks not in ("gate", "ground_truth"):
-        raise ConfigError(f"evaluate: unknown masks {masks!r}; choose 'gate' or 'ground_truth'")
+    if not callable(masks) and masks not in ("gate", "ground_truth"):
+        raise ConfigError(f"evaluate: unknown masks {masks!r}; choose 'gate', 'ground_truth' or a mask rule")
     gate_ctx = record(model, masks=masks, labels=with_gt) if gated else contextlib.nullcontext()
     try:
         with torch.no_grad(), gate_ctx as rec:

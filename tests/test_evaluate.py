@@ -346,3 +346,22 @@ def test_cli_eval_bad_checkpoint(kind: str, tmp_path: Path, capsys: pytest.Captu
     assert rc == 2
     assert captured.out == "" and "pwned" not in captured.err
     assert len(captured.err.strip().splitlines()) == 1 and "ftwt eval: error:" in captured.err
+
+
+def test_a_mask_rule_is_evaluated_as_applied(val_loader: DataLoader) -> None:
+    # Every unit keeps only its first filter: the report's MACs and kept share follow the rule.
+    model = _gated()
+
+    def first_only(unit, logits, labels):
+        mask = torch.zeros_like(logits, dtype=torch.bool)
+        mask[:, 0] = True
+        return mask
+
+    rule = evaluate(model, val_loader, "cpu", masks=first_only)
+    gate = evaluate(model, val_loader, "cpu")
+    assert rule["dynamic_macs"] < gate["dynamic_macs"]
+    assert rule["varying_fraction"] == 0.0
+    assert rule["always_on_fraction"] == pytest.approx(
+        len(gated_units(model)) / sum(u.out_channels for u in gated_units(model)))
+    with pytest.raises(Exception, match="mask rule"):
+        evaluate(model, val_loader, "cpu", masks="labels")
