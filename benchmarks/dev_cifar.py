@@ -17,8 +17,12 @@ order and augmentation. Methods:
   first fitted to the dense model's top-k labels and keep learning them (BCE); ``--saliency
   scale|rank`` adds a second gate head that scales each kept filter per sample (and, with
   ``rank``, also ranks them), trained with the backbone; ``--rule budget --offset`` lets inputs
-  share a unit's budget (a per-sample count); ``--cooldown 0`` freezes the decisions at the
-  static L1 choice, the control; ``--seed`` repeats a run with other gates and data order;
+  share a unit's budget (a per-sample count); ``--dynamic 0.25`` keeps a static core of each
+  unit's strongest filters and lets the gate pick only the other quarter of the budget per
+  sample (``--masks ground_truth``: that criterion's oracle); ``--routes K`` replaces the
+  per-image labels by route labels (``_routes.py``: the top filters of each of K clusters of
+  images), learnt by the gates with ``--lam 1`` or applied exactly with ``--masks
+  ground_truth``; ``--cooldown 0`` freezes the decisions at the static L1 choice, the control; ``--seed`` repeats a run with other gates and data order;
 * ``static``: a Torch-Pruning model of the MACs a dynamic run achieved (``--match RUN``),
   uniform over all channel groups (``--scope all``) or over the blocks' inner channels
   only (``--scope internal``), fine-tuned the same way.
@@ -49,11 +53,12 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _cifar_dev as D  # noqa: E402
+import _routes as R  # noqa: E402
 
 import ftwt  # noqa: E402
 from ftwt.baselines import prune_to_macs  # noqa: E402
 from ftwt.bench import describe_machine, machine_info, time_calls  # noqa: E402
-from ftwt.loss import fit_gates, mask_loss  # noqa: E402
+from ftwt.loss import fit_gates, mask_loss, unit_loss  # noqa: E402
 from ftwt.models import get_model  # noqa: E402
 from ftwt.surgery import backbone_parameters, gate_parameters, init_gates_from_weights  # noqa: E402
 
@@ -90,7 +95,8 @@ def _dense(args: argparse.Namespace) -> None:
 def _gate_config(args: argparse.Namespace) -> ftwt.GateConfig:
     if args.method == "plus":
         cfg = ftwt.TrainConfig.from_preset("ftwt+", threshold=args.rho).gate_config()
-        return cfg.replace(saliency=args.saliency, rule=args.rule or cfg.rule, offset=args.offset)
+        return cfg.replace(saliency=args.saliency, rule=args.rule or cfg.rule, offset=args.offset,
+                           dynamic=args.dynamic)
     return ftwt.GateConfig(threshold=args.mass)
 
 
@@ -124,7 +130,7 @@ def _run(args: argparse.Namespace) -> None:
         p.requires_grad_(any(p is q for q in trained))
     gopt = torch.optim.SGD(trained, lr=args.gate_lr, momentum=0.9) if trained else None
     gen = torch.Generator().manual_seed(args.seed + 1)
-    masks = "ground_truth" if args.method == "oracle" else "gate"
+    masks = "ground_truth" if args.method == "oracle" or args.masks == "ground_truth" else "gate"
     share = args.cooldown if args.cooldown is not None else (0.75 if args.method == "plus" else 0.5)
     cooldown = round(share * args.epochs)
     lam = args.lam if args.lam is not None else (ftwt.PRESETS["ftwt+"]["lam"] if args.method == "plus" else 1.0)
@@ -132,16 +138,40 @@ def _run(args: argparse.Namespace) -> None:
         init_gates_from_weights(model, args.prior)
     elif args.method == "plus":
         fit_gates(model, (x for x, _ in D.batches(xtr, ytr, 128, gen, train=True)), gopt, args.warmup)
+    cur: list[torch.Tensor] = []  # the clusters of the batch being run (route labels)
+    routes = cl_tr = cl_va = None
+    if args.routes:
+        # Route labels: clusters of the dense model's features; each image's index rides in its target.
+        cent = R.kmeans(R.penultimate(dense, xtr, D.normalize), args.routes, seed=args.seed)
+        cl_tr = R.assign(R.penultimate(dense, xtr, D.normalize), cent)
+        cl_va = R.assign(R.penultimate(dense, xva, D.normalize), cent)
+        routes = R.route_masks(model, xtr, cl_tr, args.routes, D.normalize)
+        ytr = torch.stack([ytr, torch.arange(len(ytr))], 1)
+        yva = torch.stack([yva, torch.arange(len(yva))], 1)
+        if masks == "ground_truth":
+            masks = lambda unit, logits, labels: routes[unit.name][cur[0]]  # noqa: E731
+
+    def _batches(x, y, clusters, *a, **kw):
+        for xb, yb in D.batches(x, y, *a, **kw):
+            if routes is not None:
+                cur[:] = [clusters[yb[:, 1]]]
+                yb = yb[:, 0]
+            yield xb, yb
+
     for ep in range(args.epochs):
         model.train()
-        train_gates = gated and ep < cooldown and args.method != "oracle"
+        train_gates = gated and ep < cooldown and masks == "gate"
         for p in trained:
             p.requires_grad_(train_gates)
-        ctx = ftwt.record(model, masks=masks, labels="train" if train_gates else False) if gated else contextlib.nullcontext()
-        with ctx:
-            for xb, yb in D.batches(xtr, ytr, 128, gen, train=True):
+        labels = "train" if train_gates and routes is None else False
+        ctx = ftwt.record(model, masks=masks, labels=labels) if gated else contextlib.nullcontext()
+        with ctx as rec:
+            for xb, yb in _batches(xtr, ytr, cl_tr, 128, gen, train=True):
                 loss = F.cross_entropy(model(xb), yb)
-                if train_gates and lam:
+                if train_gates and lam and routes is not None:
+                    loss = loss + lam * torch.stack([unit_loss(o.logits, routes[n][cur[0]])
+                                                     for n, o in rec.outputs.items()]).mean()
+                elif train_gates and lam:
                     loss = loss + lam * mask_loss(model)
                 opt.zero_grad()
                 if gopt is not None:
@@ -153,16 +183,18 @@ def _run(args: argparse.Namespace) -> None:
                     gopt.step()
         print(json.dumps({"run": args.name, "epoch": ep + 1, "loss": loss.item(), "t": time.time() - t0}), flush=True)
     train_seconds = time.time() - t0
-    report = ftwt.evaluate(model, D.batches(xva, yva, 500), "cpu", **({"masks": masks} if gated else {}))
+    report = ftwt.evaluate(model, _batches(xva, yva, cl_va, 500), "cpu", **({"masks": masks} if gated else {}))
     dense_macs = ftwt.measure(dense, [D.normalize(xva[:1])]).dense_macs
     res = {"name": args.name, "method": args.method, "args": vars(args), "train_seconds": train_seconds,
            **{k: v for k, v in report.items() if not isinstance(v, (list, dict))}}
+    if routes is not None:
+        res.update(_route_stats(model, masks, routes, _batches(xva, yva, cl_va, 500), cur))
     res["flops_reduction"] = 1.0 - res["dynamic_macs"] / dense_macs
     # training-set accuracy (no augmentation): how a user would choose between static variants
     model.eval()
     hits = 0
     with torch.no_grad(), (ftwt.record(model, masks=masks, labels=False) if gated else contextlib.nullcontext()):
-        for xb, yb in D.batches(xtr, ytr, 500):
+        for xb, yb in _batches(xtr, ytr, cl_tr, 500):
             hits += int((model(xb).argmax(1) == yb).sum())
     res["train_top1"] = 100.0 * hits / len(ytr)
     (out / "models").mkdir(parents=True, exist_ok=True)
@@ -171,6 +203,22 @@ def _run(args: argparse.Namespace) -> None:
     result_path.parent.mkdir(parents=True, exist_ok=True)
     result_path.write_text(json.dumps(res, indent=1))
     print("RESULT", json.dumps(res), flush=True)
+
+
+def _route_stats(model, masks, routes, batches, cur) -> dict:
+    """Validation decisions against the route labels: how often they vary, and the gates' lift."""
+    got: dict[str, list] = {}
+    want: dict[str, list] = {}
+    with torch.no_grad(), ftwt.record(model, masks=masks, labels=False) as rec:
+        for xb, _ in batches:
+            model(xb)
+            for name, m in rec.masks.items():
+                got.setdefault(name, []).append(m.clone())
+                want.setdefault(name, []).append(routes[name][cur[0]])
+    got = {k: torch.cat(v) for k, v in got.items()}
+    want = {k: torch.cat(v) for k, v in want.items()}
+    on = torch.cat([m.float().mean(0) for m in want.values()])
+    return {**R.lift(got, want), "route_label_varying_fraction": float(((on > 0) & (on < 1)).double().mean())}
 
 
 def _load(out: Path, name: str) -> torch.nn.Module:
@@ -278,6 +326,13 @@ def main() -> None:
     r.add_argument("--offset", action="store_true", help="plus: a per-sample offset of all of a unit's logits")
     r.add_argument("--gate-train", choices=("all", "offset"), default="all",
                    help="plus: which gate parameters learn (offset: the ranking stays the static prior)")
+    r.add_argument("--dynamic", type=float, default=1.0,
+                   help="plus: share of each sample's filters its gate picks; the rest are a static core (L1 x |gamma|)")
+    r.add_argument("--masks", choices=("gate", "ground_truth"), default="gate",
+                   help="plus: ground_truth trains and evaluates with the labels as masks (the oracle of that criterion)")
+    r.add_argument("--routes", type=int, default=0,
+                   help="plus: labels from K clusters of images (the dense model's features), each unit's top filters "
+                        "by their cluster's mean peak; gates learn them (BCE, --lam), or --masks ground_truth applies them")
     r.add_argument("--match", help="static: the run whose achieved MACs to match")
     r.add_argument("--scope", choices=("all", "internal"), default="all", help="static: channel groups pruned")
     lat = sub.add_parser("latency", help="batch-1 CPU latency of every finished run")
