@@ -22,7 +22,8 @@ order and augmentation. Methods:
   sample (``--masks ground_truth``: that criterion's oracle); ``--routes K`` replaces the
   per-image labels by route labels (``_routes.py``: the top filters of each of K clusters of
   images), learnt by the gates with ``--lam 1`` or applied exactly with ``--masks
-  ground_truth``; ``--cooldown 0`` freezes the decisions at the static L1 choice, the control; ``--seed`` repeats a run with other gates and data order;
+  ground_truth``; ``--cooldown 0`` freezes the decisions at the static L1 choice, the control;
+  ``--kd 0.5`` distils from the dense model (any method, so static gets it too); ``--seed`` repeats a run with other gates and data order;
 * ``static``: a Torch-Pruning model of the MACs a dynamic run achieved (``--match RUN``),
   uniform over all channel groups (``--scope all``) or over the blocks' inner channels
   only (``--scope internal``), fine-tuned the same way.
@@ -63,6 +64,7 @@ from ftwt.models import get_model  # noqa: E402
 from ftwt.surgery import backbone_parameters, gate_parameters, init_gates_from_weights  # noqa: E402
 
 MODEL = "resnet20"
+KD_T = 4.0  # distillation temperature (Hinton et al.'s usual value for CIFAR)
 GATED = ("ftwt", "oracle", "plus")
 
 
@@ -111,6 +113,7 @@ def _run(args: argparse.Namespace) -> None:
     xtr, ytr, xva, yva = D.load(args.data, args.per_class)
     dense = get_model(MODEL, num_classes=10)
     dense.load_state_dict(torch.load(out / "dense.pt", weights_only=True)["model"])
+    dense.eval()  # the teacher of --kd, and the copy each method starts from
     t0 = time.time()
     gated = args.method in GATED
     if args.method == "static":
@@ -167,7 +170,13 @@ def _run(args: argparse.Namespace) -> None:
         ctx = ftwt.record(model, masks=masks, labels=labels) if gated else contextlib.nullcontext()
         with ctx as rec:
             for xb, yb in _batches(xtr, ytr, cl_tr, 128, gen, train=True):
-                loss = F.cross_entropy(model(xb), yb)
+                logits = model(xb)
+                loss = F.cross_entropy(logits, yb)
+                if args.kd:
+                    with torch.no_grad():
+                        soft = F.softmax(dense(xb) / KD_T, 1)
+                    loss = (1 - args.kd) * loss + args.kd * KD_T ** 2 * F.kl_div(
+                        F.log_softmax(logits / KD_T, 1), soft, reduction="batchmean")
                 if train_gates and lam and routes is not None:
                     loss = loss + lam * torch.stack([unit_loss(o.logits, routes[n][cur[0]])
                                                      for n, o in rec.outputs.items()]).mean()
@@ -333,6 +342,8 @@ def main() -> None:
     r.add_argument("--routes", type=int, default=0,
                    help="plus: labels from K clusters of images (the dense model's features), each unit's top filters "
                         "by their cluster's mean peak; gates learn them (BCE, --lam), or --masks ground_truth applies them")
+    r.add_argument("--kd", type=float, default=0.0,
+                   help="weight of distillation from the dense model (any method, so static gets it too)")
     r.add_argument("--match", help="static: the run whose achieved MACs to match")
     r.add_argument("--scope", choices=("all", "internal"), default="all", help="static: channel groups pruned")
     lat = sub.add_parser("latency", help="batch-1 CPU latency of every finished run")
