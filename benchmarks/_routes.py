@@ -83,11 +83,7 @@ def route_masks(model: nn.Module, images: torch.Tensor, clusters: torch.Tensor, 
     counts = torch.bincount(clusters, minlength=k).clamp_min(1).double()[:, None]
     out = {}
     for u in units:
-        score = sums[u.name] / counts
-        core = getattr(u, "core", None)
-        if core is not None:
-            score = torch.where(core, score.amax() * 2 + 1, score)
-        top = score.topk(u.k, dim=1).indices
+        top = u.core_first(sums[u.name] / counts).topk(u.k, dim=1).indices
         out[u.name] = torch.zeros(k, u.out_channels, dtype=torch.bool).scatter_(1, top, True)
     return out
 

@@ -145,8 +145,9 @@ def _run(args: argparse.Namespace) -> None:
     routes = cl_tr = cl_va = None
     if args.routes:
         # Route labels: clusters of the dense model's features; each image's index rides in its target.
-        cent = R.kmeans(R.penultimate(dense, xtr, D.normalize), args.routes, seed=args.seed)
-        cl_tr = R.assign(R.penultimate(dense, xtr, D.normalize), cent)
+        z_tr = R.penultimate(dense, xtr, D.normalize)
+        cent = R.kmeans(z_tr, args.routes, seed=args.seed)
+        cl_tr = R.assign(z_tr, cent)
         cl_va = R.assign(R.penultimate(dense, xva, D.normalize), cent)
         routes = R.route_masks(model, xtr, cl_tr, args.routes, D.normalize)
         ytr = torch.stack([ytr, torch.arange(len(ytr))], 1)

@@ -179,7 +179,7 @@ def attach_gates(
             raise UnsupportedLayerError(f"{spec.conv}: {type(conv).__name__} is not an nn.Conv2d")
         unit = GatedUnit(spec, conv, config).to(device=conv.weight.device, dtype=conv.weight.dtype)
         if config.dynamic < 1.0:
-            unit.set_core(static_importance(model, spec))
+            unit.set_core(_importance(named, spec))
         unit._handles = [
             conv.register_forward_pre_hook(unit._on_input),
             named[spec.tail].register_forward_hook(unit._on_output),
@@ -275,7 +275,10 @@ def set_label_mode(model: nn.Module, mode: str) -> None:
 def static_importance(model: nn.Module, spec: UnitSpec) -> torch.Tensor:
     """The usual static criterion of each filter of a unit: the L1 norm of its convolution
     weights times its norm's ``|gamma|`` (float64, ``(C_out,)``)."""
-    named = dict(model.named_modules())
+    return _importance(dict(model.named_modules()), spec)
+
+
+def _importance(named: dict[str, nn.Module], spec: UnitSpec) -> torch.Tensor:
     score = named[spec.conv].weight.detach().abs().flatten(1).sum(1).double()
     norm = named.get(spec.norm) if spec.norm else None
     if norm is not None and getattr(norm, "weight", None) is not None:
@@ -294,9 +297,10 @@ def init_gates_from_weights(model: nn.Module, strength: float = 1.0) -> None:
     ``strength`` multiplies the biases: below 1 the prior is weaker, so a saliency head
     (``GateConfig.saliency="rank"``) needs a smaller push to swap filters for an input.
     """
+    named = dict(model.named_modules())
     with torch.no_grad():
         for unit in gated_units(model):
-            score = static_importance(model, unit.spec)
+            score = _importance(named, unit.spec)
             z = (score - score.mean()) / score.std().clamp_min(1e-12) if score.numel() > 1 else score * 0
             unit.gate.fc.weight.zero_()
             unit.gate.fc.bias.copy_((strength * z).to(unit.gate.fc.bias.dtype))

@@ -189,6 +189,12 @@ class GatedUnit(nn.Module):
         self.core.zero_()
         self.core[top.to(self.core.device)] = True
 
+    def core_first(self, scores: torch.Tensor) -> torch.Tensor:
+        """Non-negative filter scores ``(..., C_out)`` with the static core (if any) above every
+        other filter, still finite (the criteria divide by their sum)."""
+        core = getattr(self, "core", None)
+        return scores if core is None else torch.where(core, scores.amax() * 2 + 1, scores)
+
     def _ranked(self, logits: torch.Tensor) -> torch.Tensor:
         """Logits with the static core (if any) ranked above every other filter."""
         core = getattr(self, "core", None)
@@ -260,13 +266,10 @@ class GatedUnit(nn.Module):
         """Labels of the unit output ``y``, read after the unit's activation (a filter ReLU silences does not fire)."""
         act = ACTIVATIONS.get(self.spec.act or "")
         y = act.fn(y.detach()) if act is not None else y.detach()
-        core = getattr(self, "core", None)
-        if core is not None:
+        if getattr(self, "core", None) is not None:
             # Labels with the static core kept: the rest of the k are each sample's strongest
             # other filters, so the labels ask of the gate only what it decides.
-            scores = filter_scores(y)
-            scores = torch.where(core, scores.amax(1, keepdim=True) * 2 + 1, scores)
-            return CRITERIA[self.criterion](scores, self.threshold)
+            return CRITERIA[self.criterion](self.core_first(filter_scores(y)), self.threshold)
         return ground_truth(y, self.criterion, self.threshold)
 
     def gate_macs(self) -> int:
