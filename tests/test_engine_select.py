@@ -122,6 +122,15 @@ def test_dense_units_report_their_executed_macs():
         detach_gates(copy.deepcopy(model))(x)
     gates = sum(u.gate.fc.weight.numel() for u in gated_units(model))
     assert engine.executed_macs(x) == counter.get_total_flops() // 2 + gates > honest
+    # Dense units hand on full outputs with the skipped filters zeroed; sparse units after
+    # them trim those channels again. Mixed, per sample and on a batch's union, nothing changes.
+    names = [u.name for u in gated_units(model)]
+    xs = torch.randn(3, 3, 32, 32)
+    for batch in ("loop", "union"):
+        mixed = SparseEngine(model, kernel="torch", batch=batch)
+        mixed.set_choices({n: "dense" if i % 2 else "torch" for i, n in enumerate(names)})
+        with torch.no_grad():
+            assert _close(mixed(xs), model(xs)), batch
     with pytest.raises(ConfigError, match="unknown"):
         engine.set_choices({"nope": "dense"})
     with pytest.raises(ConfigError, match="mode"):

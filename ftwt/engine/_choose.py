@@ -74,7 +74,8 @@ def compare(run: Callable[[dict[str, str]], None], chosen: dict[str, str], fallb
     layers' order), so the choice as a whole is checked against the fallback as a whole.
     """
     best = {"chosen": math.inf, "fallback": math.inf}
-    for _ in range(max(1, REPEATS // 2)):
+    # As many turns as a layer gets: with fewer, one noisy spell decided whole models here.
+    for _ in range(REPEATS):
         for key, choices in (("chosen", chosen), ("fallback", fallback)):
             start = time.perf_counter()
             run(choices)

@@ -95,6 +95,7 @@ class SparseConv:
         # int32 row offsets: building the (|O|, |I|) gather index is cheaper than in int64.
         self.row_base = torch.arange(self.c_out, dtype=torch.int32, device=weight.device) * self.in_per_group
         self.bias = bias
+        self.no_filter = torch.zeros(self.c_out, dtype=torch.bool, device=weight.device)
         dense_kernel = self.groups == 1 and kk > 1 and self.padding_mode == "zeros" and weight.device.type == "cpu"
         self.weight_cl = self.weight.contiguous(memory_format=torch.channels_last) if dense_kernel else None
         self._seen: set[tuple[int, ...]] = set()
@@ -170,6 +171,10 @@ class SparseConv:
             return (None if kept.numel() == self.c_out else kept), None, False
         if masks is not None and self.name in masks:
             mask = masks[self.name]
+            if mask.dim() == 1:  # one sample's kept filters (SparseEngine.forward checked them)
+                if self.round_to == 1:
+                    return (None if mask.numel() == self.c_out else mask.to(logits.device)), None, False
+                mask = torch.zeros_like(logits, dtype=torch.bool).index_fill_(1, mask.to(logits.device), True)
             if mask.dtype != torch.bool or mask.device != logits.device:
                 mask = mask.to(device=logits.device, dtype=torch.bool)
             if mask.shape != logits.shape:
@@ -223,10 +228,10 @@ class SparseConv:
         w, b = self._gather(inp, out)
         return self._compute(x, w, b, hw)
 
-    def _all_filters(self, x: Compact, out: Tensor | None, hw: tuple[int, int]) -> Tensor:
+    def _all_filters(self, x: Compact, hw: tuple[int, int]) -> Tensor:
         """Every filter from the full-width input (one fixed shape, so oneDNN compiles its kernel
-        once), then the kept filters: more multiply-adds than the honest count, for units that
-        keep (nearly) all their filters, where that runs faster."""
+        once): more multiply-adds than the honest count, for units that keep (nearly) all their
+        filters, where that runs faster. The caller zeroes the filters not kept."""
         data = x.dense()
         if self.groups == 1:
             y = self._compute(data, self.weight, self.bias, hw)
@@ -234,7 +239,13 @@ class SparseConv:
             y = F.conv2d(data, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
         else:
             y = F.conv2d(self._pad(data), self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
-        return y if out is None else y.index_select(1, out)
+        return y
+
+    def _zero_others(self, y: Tensor, kept: Tensor) -> Tensor:
+        """``y`` with every filter but ``kept`` zeroed in place: a few channels written, where
+        gathering the kept ones would copy the whole output (and the next layer copy it back)."""
+        others = self.no_filter.index_fill(0, kept, True).logical_not_().nonzero().view(-1)
+        return y.index_fill_(1, others, 0.0)
 
     def _fused(self, x: Tensor, inp: Tensor | None, out: Tensor | None, hw: tuple[int, int]) -> Tensor:
         """``conv2d(x, W[out][:, inp], b[out])`` by the native kernels: no copy of the weight block."""
@@ -328,7 +339,7 @@ class SparseConv:
             self._seen.add(key)
         return False
 
-    def _gate_and_trim(self, x: Compact) -> tuple[Compact, Tensor]:
+    def _gate_and_trim(self, x: Compact, trim: bool = True) -> tuple[Compact, Tensor]:
         """Gate logits and the live input channels from one reduction (non-negative 4-D input, ``pool = 1``).
 
         For values >= 0 a channel's sum is zero exactly when the channel is all zero (the sum
@@ -344,20 +355,20 @@ class SparseConv:
         if self.gate_softmax:
             pooled = pooled.softmax(dim=1)
         logits = F.linear(pooled, self.gate_w, self.gate_b)
-        if not bool(live.all()):
+        if trim and not bool(live.all()):
             keep = live.nonzero().squeeze(1)
             idx = keep if x.idx is None else x.idx.index_select(0, keep)
             x = Compact(data.index_select(1, keep), idx, x.channels, x.nonneg)
         return x, logits
 
-    def _gate_and_trim_native(self, x: Compact) -> tuple[Compact, Tensor, Tensor]:
+    def _gate_and_trim_native(self, x: Compact, trim: bool = True) -> tuple[Compact, Tensor, Tensor]:
         """:meth:`_gate_and_trim` for one float32 CPU sample in one native call; also the gate's kept filters."""
         data = x.data
         idx = self.all_in if x.idx is None else x.idx
         logits, kept, live = _native.gate_live(
             data, idx, self.c_in, self.gate_w, self.gate_b, self.gate_softmax, self.unit.decision
         )
-        if live.numel() != data.shape[1]:
+        if trim and live.numel() != data.shape[1]:
             x = Compact(data.index_select(1, live), idx.index_select(0, live), x.channels, x.nonneg)
         return x, logits, kept
 
@@ -366,14 +377,15 @@ class SparseConv:
             self.pending -= 1
             _choose.choose(self, x, masks)
         out, mask, extra, scale = None, None, False, None
+        trim = self.mode != "dense"  # the dense mode reads every input channel anyway
         if self.native_gate and x.nonneg and x.data.dim() == 4 and x.data.shape[0] == 1 and x.data.shape[1] and x.data.dtype == torch.float32:
-            x, logits, kept = self._gate_and_trim_native(x)
+            x, logits, kept = self._gate_and_trim_native(x, trim)
             out, mask, extra = self._select(logits, masks, kept)
         elif self.unit is not None and self.trim_inputs and self.fused_gate and x.nonneg and x.data.dim() == 4 and x.data.shape[1]:
-            x, logits = self._gate_and_trim(x)
+            x, logits = self._gate_and_trim(x, trim)
             out, mask, extra = self._select(logits, masks)
         else:
-            if self.trim_inputs:
+            if self.trim_inputs and trim:
                 x = live_channels(x)
             if self.unit is not None:
                 logits, scale = self.gate(x)
@@ -382,8 +394,10 @@ class SparseConv:
         n = x.data.shape[0]
         if out is not None and out.numel() == 0:
             return Compact(x.data.new_zeros((n, 0, *hw)), out, self.c_out, True)
+        dropped = None  # dense mode: the kept filters, the others zeroed in the full output
         if self.mode == "dense":
-            y = self._all_filters(x, out, hw)
+            y = self._all_filters(x, hw)
+            dropped, out = out, None
         elif self.groups == 1:
             y = self._dense_block(x.data, x.idx, out, hw)
         elif self.in_per_group == 1:
@@ -397,4 +411,6 @@ class SparseConv:
             y = y * (factor if out is None else factor.index_select(1, out)).to(y.dtype)[:, :, None, None]
         if self.act is not None:
             y = self.act(y)
+        if dropped is not None:
+            y = self._zero_others(y, dropped)
         return Compact(y, out, self.c_out, self.nonneg)

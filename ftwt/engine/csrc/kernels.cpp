@@ -142,10 +142,15 @@ at::Tensor gather_mm(const at::Tensor& weight, const at::Tensor& cols, const at:
   const int64_t n_out = out_idx.size(0), n_in = in_idx.size(0), positions = cols.size(1), row = weight.size(1);
   at::Tensor y = at::empty({n_out, positions}, cols.options());
   if (n_out == 0 || positions == 0) return y;
-  const at::Tensor in_off = (in_idx * taps).contiguous();
+  // Row offsets of the live inputs, in a plain buffer: a tensor product here would be one more
+  // dispatched op per call, on layers whose whole product takes microseconds.
+  const at::Tensor ins = in_idx.contiguous();
+  const int64_t* in_ch = ins.data_ptr<int64_t>();
+  std::vector<int64_t> in_off(n_in);
+  for (int64_t a = 0; a < n_in; ++a) in_off[a] = in_ch[a] * taps;
   const at::Tensor outs = out_idx.contiguous();
   const int64_t* o = outs.data_ptr<int64_t>();
-  const int64_t* in = in_off.data_ptr<int64_t>();
+  const int64_t* in = in_off.data();
   for (int64_t a = 0; a < n_in; ++a)
     TORCH_CHECK(in[a] >= 0 && in[a] + taps <= row, "gather_mm: input index out of range");
   for (int64_t j = 0; j < n_out; ++j)
