@@ -68,6 +68,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--samples", type=int, default=None, help="digits samples to cycle over (default 16, quick 4)")
     p.add_argument("--min-run-time", type=float, default=None, help="seconds per timing (default 0.5, quick 0.05)")
+    p.add_argument("--rounds", type=int, default=3,
+                   help="turns each variant takes while timing (more: steadier ratios on a noisy machine)")
     p.add_argument("--round-to", type=int, default=1, help="engine: round active channel counts to a multiple")
     p.add_argument("--kernel", default="auto", choices=("auto", "native", "torch"), help="engine kernels")
     p.add_argument("--isa", default=None, help="native kernel variant: avx512, avx2, x86-64, neon (default: the best here)")
@@ -147,6 +149,7 @@ def main(args: argparse.Namespace) -> int:
                     model, inputs, masks="ground_truth", batch_size=args.batch_size, threads=t, device=device,
                     round_to=args.round_to, min_run_time=min_run_time, warmup=1 if args.quick else 3,
                     static_model=static, kernel=args.kernel, compare_fallback=args.kernel == "auto",
+                    rounds=args.rounds,
                 )
                 rows.append(_row(label, r, res))
                 if res["engine_rel_diff"] > 1e-4:

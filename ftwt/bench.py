@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from ftwt.baselines import prune_to_macs
-from ftwt.engine import SparseEngine
+from ftwt.engine import SparseEngine, kept_filters
 from ftwt.errors import ConfigError
 from ftwt.flops import measure
 from ftwt.record import record
@@ -171,6 +171,7 @@ def benchmark(
     static_model: nn.Module | None = None,
     kernel: str = "auto",
     compare_fallback: bool = False,
+    rounds: int = 3,
 ) -> dict[str, Any]:
     """Time dense, masked, sparse-engine and static-pruned inference of a gated model.
 
@@ -185,13 +186,14 @@ def benchmark(
         threads: intra-op CPU threads (default: the current setting).
         device: where to run; inputs are moved there before timing.
         round_to: the engine rounds active channel counts up to a multiple of this.
-        min_run_time: seconds of timing per variant, at least (in three interleaved rounds).
+        min_run_time: seconds of timing per variant, at least (over all ``rounds``).
         warmup: untimed calls per variant.
         importance: channel ranking of the static model (see :mod:`ftwt.baselines`).
         static_model: a static model to time instead of pruning one to the dynamic MACs.
         kernel: the engine's kernels (see :class:`ftwt.engine.SparseEngine`).
         compare_fallback: also time an engine on PyTorch's ops only (``kernel="torch"``),
             reported as ``engine_torch_ms``: the check that ``auto`` is not slower.
+        rounds: turns each variant takes while timing (more: steadier ratios on a noisy machine).
 
     Returns:
         A flat dict: ``dense_ms``, ``masked_ms``, ``engine_ms``, ``static_ms`` (median ms
@@ -253,18 +255,21 @@ def benchmark(
             static = static_model.to(device).eval()
         static_macs = measure(static, batches[:1]).dense_macs
 
+        # One sample's replayed masks as kept-filter indices, the form the native gate hands
+        # on: the engine is timed as deployment runs it, not with a conversion per unit and call.
+        served = [kept_filters(m) if m is not None and batch_size == 1 else m for m in replay]
         timed = {
             "dense_ms": _cycle(dense, [(x,) for x in batches]),
             "masked_ms": _cycle(model, [(x,) for x in batches]),
-            "engine_ms": _cycle(engine, list(zip(batches, replay, strict=True))),
+            "engine_ms": _cycle(engine, list(zip(batches, served, strict=True))),
             "static_ms": _cycle(static, [(x,) for x in batches]),
         }
         if compare_fallback:
             fallback = SparseEngine(model, round_to=round_to, kernel="torch")
-            timed["engine_torch_ms"] = _cycle(fallback, list(zip(batches, replay, strict=True)))
+            timed["engine_torch_ms"] = _cycle(fallback, list(zip(batches, served, strict=True)))
         # The masked variant runs the gates' own masks; its cost does not depend on which.
         with record(model, masks="gate"):
-            ms = time_calls(timed, threads=threads, min_run_time=min_run_time, warmup=warmup)
+            ms = time_calls(timed, threads=threads, min_run_time=min_run_time, warmup=warmup, rounds=rounds)
 
     ideal = flops.dense_macs / flops.dynamic_macs
     speedup = ms["dense_ms"] / ms["engine_ms"]

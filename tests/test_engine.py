@@ -23,7 +23,7 @@ from ftwt import (
     mask_source,
 )
 from ftwt.data import DataConfig, build_datasets
-from ftwt.engine import SparseEngine, _native, fold_bn
+from ftwt.engine import SparseEngine, _native, fold_bn, kept_filters
 from ftwt.models import SHORTCUTS
 from ftwt.surgery import detach_gates
 
@@ -220,6 +220,30 @@ def test_bad_input_raises():
         engine(x, masks={"conv1": torch.ones(1, 15, dtype=torch.bool)})
     with pytest.raises(ConfigError):
         engine(torch.randn(2, 3, 32, 32), masks={"conv1": torch.ones(1, 16, dtype=torch.bool)})
+
+
+@pytest.mark.parametrize("round_to", [1, 4])
+def test_kept_filter_indices_replay_as_the_bool_masks_do(round_to):
+    # The index form skips a conversion per unit and call; it must change nothing else.
+    model = _gated(get_model("resnet20", num_classes=10), threshold=0.8)
+    engine = SparseEngine(model, kernel=EXACT, round_to=round_to)
+    x = _digits(32, 2)[1:2]
+    macs, masks, ref = _honest_macs_without_pooling(model, x, "ground_truth")
+    kept = kept_filters(masks)
+    assert all(k.dtype == torch.int64 and k.numel() == int(masks[n].sum()) for n, k in kept.items())
+    assert any(k.numel() < masks[n].shape[1] for n, k in kept.items())  # some filters skipped
+    assert _close(engine(x, masks=kept), ref)
+    assert torch.equal(engine(x, masks=kept), engine(x, masks=masks))
+    if round_to == 1:
+        assert _engine_macs(engine, x, kept) == macs
+    name = next(iter(kept))
+    for bad in ([0, masks[name].shape[1]], [3, 1], [-1, 2]):  # out of range, not ascending
+        with pytest.raises(ConfigError, match="ascending indices below"):
+            engine(x, masks={name: torch.tensor(bad)})
+    with pytest.raises(ConfigError, match="int64"):
+        engine(torch.cat([x, x]), masks={name: kept[name]})  # indices are for one sample
+    with pytest.raises(ConfigError, match="one sample"):
+        kept_filters({name: torch.cat([masks[name]] * 2)})
 
 
 def test_mask_before_batchnorm_is_refused():

@@ -63,6 +63,6 @@ Example:
 """
 
 from ftwt.engine.fold import fold_bn
-from ftwt.engine.sparse_engine import SparseEngine
+from ftwt.engine.sparse_engine import SparseEngine, kept_filters
 
-__all__ = ["SparseEngine", "fold_bn"]
+__all__ = ["SparseEngine", "fold_bn", "kept_filters"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import weakref
 from collections import Counter
 from typing import Any
 
@@ -95,6 +96,9 @@ class SparseEngine:
         if len(self.plan.inputs) != 1:
             raise UnsupportedLayerError(f"the engine runs models with one input, {type(model).__name__} has {len(self.plan.inputs)}")
         self.unit_names = frozenset(units)
+        self.widths = {name: unit.out_channels for name, unit in units.items()}
+        # Kept-filter index tensors found valid, by unit and id (a WeakSet would compare tensors elementwise).
+        self._checked: dict[tuple[str, int], weakref.ref] = {}
         self.model = model  # what save() writes
         self.check: dict[str, float] = {}  # seconds per forward of the choices and of the fallback (calibrate)
         if kernel == "auto":
@@ -242,7 +246,10 @@ class SparseEngine:
             x: input batch ``(N, C, H, W)``.
             masks: optional ``{unit name: (N, C_out) bool}`` that replaces the gates'
                 decisions (the gates still run, so their cost is paid), e.g. ground-truth
-                masks to measure perfect gates. Units not named use their gates.
+                masks to measure perfect gates. Units not named use their gates. For one
+                sample a unit's entry may instead be its kept filters, ascending int64
+                ``(k,)`` (:func:`kept_filters`): the form the native gate hands on, so a
+                replay then costs what the gates' own decisions cost.
 
         Returns:
             What the model returns, as full tensors.
@@ -252,9 +259,17 @@ class SparseEngine:
             unknown = sorted(set(masks) - self.unit_names)
             if unknown:
                 raise ConfigError(f"masks for unknown unit(s) {unknown}; units: {sorted(self.unit_names)}")
-            wrong = sorted(k for k, m in masks.items() if m.dim() != 2 or m.shape[0] != n)
+            wrong = sorted(k for k, m in masks.items() if not (m.dim() == 2 and m.shape[0] == n or _is_kept(m, n)))
             if wrong:
-                raise ConfigError(f"masks {wrong} are not (N, C_out) with N = {n}, the batch size")
+                raise ConfigError(f"masks {wrong} are not (N, C_out) bool with N = {n}, the batch size, "
+                                  "nor (for one sample) int64 kept-filter indices")
+            for name, m in masks.items():
+                seen = self._checked.get((name, id(m))) if m.dim() == 1 else None
+                if m.dim() == 1 and (seen is None or seen() is not m):  # each index tensor once: replays reuse them
+                    _check_kept(name, m, self.widths[name])
+                    if len(self._checked) > 4096:
+                        self._checked.clear()
+                    self._checked[(name, id(m))] = weakref.ref(m)
         with torch.inference_mode():
             if n == 1 or self.batch == "union":
                 return self._run(x, masks)
@@ -279,6 +294,29 @@ class SparseEngine:
             for slot in dead:
                 env[slot] = None
         return widen(env[self.plan.output])
+
+
+def kept_filters(masks: dict[str, Tensor]) -> dict[str, Tensor]:
+    """One sample's ``{unit: (1, C_out) bool}`` masks as ``{unit: (k,) int64}`` kept filters, ascending.
+
+    The engine takes either (:meth:`SparseEngine.forward`); this form skips the conversion
+    on every call, as the native gate does, so a replay of recorded masks is timed as
+    deployment runs.
+    """
+    wrong = sorted(k for k, m in masks.items() if m.dim() != 2 or m.shape[0] != 1)
+    if wrong:
+        raise ConfigError(f"kept_filters takes one sample's (1, C_out) masks; {wrong} are not")
+    return {k: m.reshape(-1).to(torch.bool).nonzero().view(-1) for k, m in masks.items()}
+
+
+def _check_kept(name: str, kept: Tensor, width: int) -> None:
+    if kept.numel() and (int(kept.min()) < 0 or int(kept.max()) >= width or not bool((kept[1:] > kept[:-1]).all())):
+        raise ConfigError(f"masks[{name!r}]: kept filters must be ascending indices below {width}, "
+                          f"the unit's filters (ftwt.engine.kept_filters gives them)")
+
+
+def _is_kept(m: Tensor, n: int) -> bool:
+    return n == 1 and m.dim() == 1 and m.dtype == torch.int64
 
 
 def _report_choices(choices: dict[str, str], native: bool) -> None:
