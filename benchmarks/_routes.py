@@ -4,7 +4,10 @@ Per-image top-k labels flip a unit's marginal filters from one image to the next
 backbone fine-tuned under such masks fits its data worse than a static one. Route labels
 smooth them over similar images: the training images are clustered (k-means on the dense
 model's penultimate features, cosine), and each unit's label for an image is the top k
-filters by the *mean* peak activation over its cluster (its static core, if any, kept).
+filters by the *mean* peak activation over its cluster (its static core, if any, kept), or
+(``score="taylor"``) by what dropping each filter would cost the cluster's task loss, to
+first order: the mean over its images of ``|sum over positions of y * dL/dy|`` at the unit's
+masked output ``y`` (Molchanov et al.'s Taylor criterion, per kind of image).
 The labels still say which filters fire, as FTWT's do, but they change only where the
 kind of image changes, so a gate can learn them and the backbone sees consistent masks.
 """
@@ -13,6 +16,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 import ftwt
 from ftwt._ops import ACTIVATIONS
@@ -52,20 +56,25 @@ def assign(z: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
     return (z @ centroids.T).argmax(1)
 
 
-@torch.no_grad()
 def route_masks(model: nn.Module, images: torch.Tensor, clusters: torch.Tensor, k: int, normalize,
-                batch: int = 500) -> dict[str, torch.Tensor]:
-    """Per unit, ``(k, C_out)`` bool: each cluster's top filters by mean peak activation, run
+                batch: int = 500, score: str = "peak", targets: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """Per unit, ``(k, C_out)`` bool: each cluster's top filters by mean peak activation
+    (``score="peak"``) or mean Taylor score (``"taylor"``, needs ``targets``), the model run
     densely on ``images`` (the core of a unit with one always among them)."""
     named = dict(model.named_modules())
     units = gated_units(model)
     sums = {u.name: torch.zeros(k, u.out_channels, dtype=torch.float64) for u in units}
     current: list[torch.Tensor] = []
+    seen: dict[str, torch.Tensor] = {}
 
     def hook(unit):
         act = ACTIVATIONS.get(unit.spec.act or "")
 
         def fn(module, args, y):
+            if score == "taylor":
+                y.retain_grad()
+                seen[unit.name] = y
+                return
             a = act.fn(y) if act is not None else y
             sums[unit.name].index_add_(0, current[0], a.abs().amax((2, 3)).double())
         return fn
@@ -73,13 +82,19 @@ def route_masks(model: nn.Module, images: torch.Tensor, clusters: torch.Tensor, 
     handles = [named[u.spec.tail].register_forward_hook(hook(u)) for u in units]
     model.eval()
     try:
-        with ftwt.record(model, masks="none", labels=False):
+        with ftwt.record(model, masks="none", labels=False), torch.set_grad_enabled(score == "taylor"):
             for s in range(0, len(images), batch):
                 current[:] = [clusters[s: s + batch]]
-                model(normalize(images[s: s + batch]))
+                logits = model(normalize(images[s: s + batch]))
+                if score == "taylor":
+                    F.cross_entropy(logits, targets[s: s + batch], reduction="sum").backward()
+                    for name, y in seen.items():
+                        sums[name].index_add_(0, current[0], (y * y.grad).sum((2, 3)).abs().double())
+                    seen.clear()
     finally:
         for h in handles:
             h.remove()
+        model.zero_grad(set_to_none=True)
     counts = torch.bincount(clusters, minlength=k).clamp_min(1).double()[:, None]
     out = {}
     for u in units:

@@ -123,6 +123,8 @@ def _run(args: argparse.Namespace) -> None:
         model = copy.deepcopy(dense)
     if gated:
         ftwt.attach_gates(model, _gate_config(args))
+        if args.fill:
+            _attach_fills(model)
     steps = args.epochs * math.ceil(len(ytr) / 128)
     opt = torch.optim.SGD(backbone_parameters(model) if gated else model.parameters(), lr=0.01, momentum=0.9,
                           weight_decay=5e-4)
@@ -149,7 +151,7 @@ def _run(args: argparse.Namespace) -> None:
         cent = R.kmeans(z_tr, args.routes, seed=args.seed)
         cl_tr = R.assign(z_tr, cent)
         cl_va = R.assign(R.penultimate(dense, xva, D.normalize), cent)
-        routes = R.route_masks(model, xtr, cl_tr, args.routes, D.normalize)
+        routes = R.route_masks(model, xtr, cl_tr, args.routes, D.normalize, score=args.route_score, targets=ytr)
         ytr = torch.stack([ytr, torch.arange(len(ytr))], 1)
         yva = torch.stack([yva, torch.arange(len(yva))], 1)
         if masks == "ground_truth":
@@ -213,6 +215,24 @@ def _run(args: argparse.Namespace) -> None:
     result_path.parent.mkdir(parents=True, exist_ok=True)
     result_path.write_text(json.dumps(res, indent=1))
     print("RESULT", json.dumps(res), flush=True)
+
+
+def _attach_fills(model: torch.nn.Module) -> None:
+    """``--fill``: a skipped filter outputs a learnt constant instead of zero (one per filter,
+    trained with the backbone), so a layer after it sees the same mean whichever filters an
+    image skipped. It starts just above zero: ReLU passes no gradient at zero itself."""
+    named = dict(model.named_modules())
+    model.ftwt_fill = torch.nn.ParameterDict()
+    for u in ftwt.surgery.gated_units(model):
+        fill = model.ftwt_fill[u.name.replace(".", "_")] = torch.nn.Parameter(torch.full((u.out_channels,), 0.01))
+
+        def hook(module, args, y, u=u, fill=fill):
+            m = u.last.mask if u.last is not None else None
+            if m is None:
+                return None
+            return y + (~m).to(y.dtype)[:, :, None, None] * fill[None, :, None, None]
+
+        named[u.spec.tail].register_forward_hook(hook)
 
 
 def _route_stats(model, masks, routes, batches, cur) -> dict:
@@ -343,6 +363,11 @@ def main() -> None:
     r.add_argument("--routes", type=int, default=0,
                    help="plus: labels from K clusters of images (the dense model's features), each unit's top filters "
                         "by their cluster's mean peak; gates learn them (BCE, --lam), or --masks ground_truth applies them")
+    r.add_argument("--route-score", choices=("peak", "taylor"), default="peak",
+                   help="--routes: rank a cluster's filters by mean peak activation, or by the first-order cost "
+                        "of dropping them to the cluster's task loss (Taylor)")
+    r.add_argument("--fill", action="store_true",
+                   help="plus: a skipped filter outputs a learnt constant (per filter) instead of zero")
     r.add_argument("--kd", type=float, default=0.0,
                    help="weight of distillation from the dense model (any method, so static gets it too)")
     r.add_argument("--match", help="static: the run whose achieved MACs to match")
