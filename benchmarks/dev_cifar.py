@@ -367,7 +367,9 @@ def main() -> None:
                    help="--routes: rank a cluster's filters by mean peak activation, or by the first-order cost "
                         "of dropping them to the cluster's task loss (Taylor)")
     r.add_argument("--fill", action="store_true",
-                   help="plus: a skipped filter outputs a learnt constant (per filter) instead of zero")
+                   help="plus: a skipped filter outputs a learnt constant (per filter) instead of zero; the "
+                        "FLOPs meter then counts those channels as live inputs of the next layer (the engine has "
+                        "no path for constant channels), so the reduction reported is not comparable")
     r.add_argument("--kd", type=float, default=0.0,
                    help="weight of distillation from the dense model (any method, so static gets it too)")
     r.add_argument("--match", help="static: the run whose achieved MACs to match")

@@ -12,7 +12,7 @@ multiply-adds done for one sample are exactly those :class:`ftwt.flops.FlopsMete
 
 Each convolution can run three ways: ``native`` (the fused kernels below where they apply),
 ``torch`` (PyTorch's ops on the kept block) and, for a gated unit, ``dense`` (every filter
-from every input, the skipped ones dropped afterwards: faster for units that keep nearly
+from every input, the skipped ones zeroed afterwards: faster for units that keep nearly
 all their filters, with more multiply-adds than the honest count; see
 :meth:`SparseEngine.executed_macs`). ``kernel="auto"`` times them on the first input and
 keeps the fastest per convolution (:mod:`ftwt.engine._choose`, :attr:`SparseEngine.choices`).

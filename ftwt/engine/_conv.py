@@ -122,7 +122,7 @@ class SparseConv:
 
     def set_mode(self, mode: str) -> None:
         """How to compute: ``"native"`` (fused kernels on small maps), ``"torch"`` (PyTorch's ops on
-        the kept block) or ``"dense"`` (every filter from every input, then the kept filters)."""
+        the kept block) or ``"dense"`` (every filter from every input, the others zeroed)."""
         if mode not in self.modes:
             raise ConfigError(f"{self.name}: mode {mode!r} is not available here; choose from {list(self.modes)}")
         self.mode = mode
@@ -394,10 +394,10 @@ class SparseConv:
         n = x.data.shape[0]
         if out is not None and out.numel() == 0:
             return Compact(x.data.new_zeros((n, 0, *hw)), out, self.c_out, True)
-        dropped = None  # dense mode: the kept filters, the others zeroed in the full output
+        dense_kept = None  # dense mode: the kept filters; the others are zeroed in the full output
         if self.mode == "dense":
             y = self._all_filters(x, hw)
-            dropped, out = out, None
+            dense_kept, out = out, None
         elif self.groups == 1:
             y = self._dense_block(x.data, x.idx, out, hw)
         elif self.in_per_group == 1:
@@ -411,6 +411,6 @@ class SparseConv:
             y = y * (factor if out is None else factor.index_select(1, out)).to(y.dtype)[:, :, None, None]
         if self.act is not None:
             y = self.act(y)
-        if dropped is not None:
-            y = self._zero_others(y, dropped)
+        if dense_kept is not None:
+            y = self._zero_others(y, dense_kept)
         return Compact(y, out, self.c_out, self.nonneg)

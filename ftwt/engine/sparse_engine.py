@@ -51,7 +51,7 @@ class SparseEngine:
             compiler and ``ninja``, once, cached; a warning where they cannot be built),
             PyTorch's ops on the kept block (the fallback, replaced only by a measurably
             faster way), or, for a gated unit, every filter densely with the skipped ones
-            dropped afterwards (more multiply-adds than the honest count, see
+            zeroed afterwards (more multiply-adds than the honest count, see
             :meth:`executed_macs`, for units that keep nearly all their filters).
             ``"native"``: the native kernels, failing if they cannot be built; ``"torch"``:
             PyTorch's ops only. Outputs are the same either way; with ``"native"`` and
