@@ -18,6 +18,7 @@ from ftwt._ops import ACTIVATIONS
 from ftwt.engine import _choose, _native
 from ftwt.engine._compact import Compact, live_channels
 from ftwt.engine._grouped import depthwise, grouped
+from ftwt.engine._lowering import _im2col, _uses_onednn
 from ftwt.engine.fold import fold_bn
 from ftwt.errors import ConfigError, UnsupportedLayerError
 from ftwt.unit import GatedUnit
@@ -34,20 +35,6 @@ NATIVE_MAX_POSITIONS = 1024
 # Up to this many weight values, a (filters, inputs) block is gathered one dimension at a time.
 _SMALL_WEIGHT = 65536
 _SEEN_SHAPES = 16  # shapes remembered per layer: oneDNN's kernel cache holds 1024 in all
-
-def _im2col(x: Tensor, k: tuple[int, int], stride: tuple[int, int], dil: tuple[int, int], out_hw: tuple[int, int]) -> Tensor:
-    """``(C*kh*kw, N*H'*W')`` patches of an already padded ``(N, C, H, W)`` tensor."""
-    n, c = x.shape[:2]
-    sn, sc, sh, sw = x.stride()
-    # One strided copy; much faster on CPU than F.unfold, whose kernel copies element by element.
-    view = x.as_strided((c, k[0], k[1], n, out_hw[0], out_hw[1]), (sc, dil[0] * sh, dil[1] * sw, sn, stride[0] * sh, stride[1] * sw))
-    return view.reshape(c * k[0] * k[1], n * out_hw[0] * out_hw[1])
-
-
-def _uses_onednn(x: Tensor, kernel: tuple[int, int]) -> bool:
-    """PyTorch's rule for ``conv2d`` through oneDNN at batch 1; below it, its own im2col + GEMM
-    (for which a channels-last copy of the input would only be copied back)."""
-    return x.numel() > 20480 or min(kernel) > 3
 
 
 class SparseConv:
@@ -229,9 +216,8 @@ class SparseConv:
         return self._compute(x, w, b, hw)
 
     def _all_filters(self, x: Compact, hw: tuple[int, int]) -> Tensor:
-        """Every filter from the full-width input (one fixed shape, so oneDNN compiles its kernel
-        once): more multiply-adds than the honest count, for units that keep (nearly) all their
-        filters, where that runs faster. The caller zeroes the filters not kept."""
+        """Every filter from the full-width input (one fixed shape: oneDNN compiles its kernel once), for
+        units that keep (nearly) all, where faster than the honest count; the caller zeroes the others."""
         data = x.dense()
         if self.groups == 1:
             y = self._compute(data, self.weight, self.bias, hw)
@@ -242,8 +228,7 @@ class SparseConv:
         return y
 
     def _zero_others(self, y: Tensor, kept: Tensor) -> Tensor:
-        """``y`` with every filter but ``kept`` zeroed in place: a few channels written, where
-        gathering the kept ones would copy the whole output (and the next layer copy it back)."""
+        """``y`` with all but ``kept`` zeroed in place (a gather would copy all of it, and the next layer back)."""
         others = self.no_filter.index_fill(0, kept, True).logical_not_().nonzero().view(-1)
         return y.index_fill_(1, others, 0.0)
 
@@ -394,10 +379,9 @@ class SparseConv:
         n = x.data.shape[0]
         if out is not None and out.numel() == 0:
             return Compact(x.data.new_zeros((n, 0, *hw)), out, self.c_out, True)
-        dense_kept = None  # dense mode: the kept filters; the others are zeroed in the full output
+        dense_kept = None  # dense mode: the kept filters, the others zeroed in the full output
         if self.mode == "dense":
-            y = self._all_filters(x, hw)
-            dense_kept, out = out, None
+            y, dense_kept, out = self._all_filters(x, hw), out, None
         elif self.groups == 1:
             y = self._dense_block(x.data, x.idx, out, hw)
         elif self.in_per_group == 1:
