@@ -96,7 +96,6 @@ class SparseEngine:
         if len(self.plan.inputs) != 1:
             raise UnsupportedLayerError(f"the engine runs models with one input, {type(model).__name__} has {len(self.plan.inputs)}")
         self.unit_names = frozenset(units)
-        self.widths = {name: unit.out_channels for name, unit in units.items()}
         # Kept-filter index tensors found valid, by unit and id (a WeakSet would compare tensors elementwise).
         self._checked: dict[tuple[str, int], weakref.ref] = {}
         self.model = model  # what save() writes
@@ -263,13 +262,7 @@ class SparseEngine:
             if wrong:
                 raise ConfigError(f"masks {wrong} are not (N, C_out) bool with N = {n}, the batch size, "
                                   "nor (for one sample) int64 kept-filter indices")
-            for name, m in masks.items():
-                seen = self._checked.get((name, id(m))) if m.dim() == 1 else None
-                if m.dim() == 1 and (seen is None or seen() is not m):  # each index tensor once: replays reuse them
-                    _check_kept(name, m, self.widths[name])
-                    if len(self._checked) > 4096:
-                        self._checked.clear()
-                    self._checked[(name, id(m))] = weakref.ref(m)
+            self._check_kept_once(masks)
         with torch.inference_mode():
             if n == 1 or self.batch == "union":
                 return self._run(x, masks)
@@ -277,6 +270,18 @@ class SparseEngine:
             if not all(isinstance(o, Tensor) for o in outs):
                 return self._run(x, masks)
             return torch.cat(outs)
+
+    def _check_kept_once(self, masks: dict[str, Tensor]) -> None:
+        """Check each kept-filter index tensor the first time it comes: replays reuse them."""
+        for name, m in masks.items():
+            if m.dim() != 1:
+                continue
+            seen = self._checked.get((name, id(m)))
+            if seen is None or seen() is not m:
+                _check_kept(name, m, self.plan.convs[name].c_out)
+                if len(self._checked) > 4096:
+                    self._checked.clear()
+                self._checked[(name, id(m))] = weakref.ref(m)
 
     def _run(self, x: Tensor, masks: dict[str, Tensor] | None) -> Any:
         pending = any(conv.pending for conv in self.plan.convs.values())
