@@ -67,17 +67,22 @@ def choose(conv: SparseConv, x: Compact, masks: dict[str, Tensor] | None) -> Non
     conv.set_mode(pick(conv.times))
 
 
-def compare(run: Callable[[dict[str, str]], None], chosen: dict[str, str], fallback: dict[str, str]) -> dict[str, float]:
-    """Seconds of ``run(choices)`` for the chosen modes and for the fallback, taking turns, the fastest of :data:`REPEATS`.
+def compare(run: Callable[[dict[str, str]], None], candidates: dict[str, dict[str, str]]) -> dict[str, float]:
+    """Seconds of ``run(choices)`` for each named set of choices, taking turns, the fastest of :data:`REPEATS`.
 
     The per-layer times add up to the model's only roughly (caches, the allocator, the
-    layers' order), so the choice as a whole is checked against the fallback as a whole.
+    layers' order), so the choice as a whole is checked against the alternatives as a whole.
     """
-    best = {"chosen": math.inf, "fallback": math.inf}
+    best = dict.fromkeys(candidates, math.inf)
     # As many turns as a layer gets: with fewer, one noisy spell decided whole models here.
     for _ in range(REPEATS):
-        for key, choices in (("chosen", chosen), ("fallback", fallback)):
+        for key, choices in candidates.items():
             start = time.perf_counter()
             run(choices)
             best[key] = min(best[key], time.perf_counter() - start)
     return best
+
+
+def winner(seconds: dict[str, float]) -> str:
+    """The fastest candidate of :func:`compare`; on a tie the first named."""
+    return min(seconds, key=seconds.__getitem__)

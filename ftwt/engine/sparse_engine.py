@@ -99,7 +99,7 @@ class SparseEngine:
         # Kept-filter index tensors found valid, by unit and id (a WeakSet would compare tensors elementwise).
         self._checked: dict[tuple[str, int], weakref.ref] = {}
         self.model = model  # what save() writes
-        self.check: dict[str, float] = {}  # seconds per forward of the choices and of the fallback (calibrate)
+        self.check: dict[str, float] = {}  # seconds per forward of each whole-model candidate (calibrate)
         if kernel == "auto":
             self.calibrate(example)
 
@@ -180,8 +180,8 @@ class SparseEngine:
         Every sample of ``example`` is timed (one at a time, as ``batch="loop"`` runs them)
         and the times add up, so a few samples give a choice that holds for a stream of them.
         ``masks`` are replayed as in :meth:`forward`. With ``example``, the whole engine is
-        then timed on it with the choices and with PyTorch's ops everywhere, and the choices
-        are dropped for PyTorch's ops if they are not faster (:attr:`check`).
+        then timed on it with the choices, with PyTorch's ops everywhere and with every gated
+        unit dense, and the fastest of the three is kept (:attr:`check`).
         """
         n = 1 if example is None or self.batch == "union" else max(1, example.shape[0])
         for conv in self.plan.convs.values():
@@ -192,24 +192,32 @@ class SparseEngine:
             self._check_against_fallback(example, masks)
 
     def _check_against_fallback(self, example: Tensor, masks: dict[str, Tensor] | None) -> None:
-        chosen = {name: conv.mode for name, conv in self.plan.convs.items()}
-        fallback = dict.fromkeys(chosen, _choose.FALLBACK)
-        if chosen == fallback:
+        """Time the whole engine with the per-layer choices, with PyTorch's ops everywhere and with every
+        gated unit dense (each filter computed, the skipped ones zeroed: dense cost plus the gates'),
+        and keep the fastest, so that a sum of per-layer wins that loses as a whole is not kept."""
+        convs = self.plan.convs
+        chosen = {name: conv.mode for name, conv in convs.items()}
+        dense = {name: "dense" if "dense" in conv.modes else chosen[name] for name, conv in convs.items()}
+        candidates: dict[str, dict[str, str]] = {}
+        for key, choices in (("chosen", chosen), ("fallback", dict.fromkeys(chosen, _choose.FALLBACK)), ("dense", dense)):
+            if choices not in candidates.values():  # time each distinct set once
+                candidates[key] = choices
+        if len(candidates) == 1:
             return
-        convs = self.plan.convs.values()
-        seen = {id(conv): set(conv._seen) for conv in convs}
+        seen = {id(conv): set(conv._seen) for conv in convs.values()}
 
         def run(choices: dict[str, str]) -> None:
             self.set_choices(choices)
-            for conv in convs:  # every block shape as new, as in a stream of samples
+            for conv in convs.values():  # every block shape as new, as in a stream of samples
                 conv._seen = set(seen[id(conv)])
             self.forward(example, masks)
 
-        self.check = _choose.compare(run, chosen, fallback)
-        self.set_choices(chosen if self.check["chosen"] <= self.check["fallback"] else fallback)
-        if self.check["chosen"] > self.check["fallback"]:
-            log.info("ftwt engine: the per-layer choices were not faster than PyTorch's ops on the whole model; "
-                     "running PyTorch's ops")
+        self.check = _choose.compare(run, candidates)
+        best = _choose.winner(self.check)
+        self.set_choices(candidates[best])
+        if best != "chosen":
+            way = "PyTorch's ops" if best == "fallback" else "every gated unit densely"
+            log.info("ftwt engine: the per-layer choices were not the fastest on the whole model; running %s", way)
 
     def set_choices(self, choices: dict[str, str]) -> None:
         """Run each named convolution in the given mode (as :attr:`choices` gives them), without timing."""
