@@ -14,6 +14,7 @@ from importlib.metadata import PackageNotFoundError, version
 
 from ftwt import models
 from ftwt.calibrate import calibrate_decisions, fold_decisions
+from ftwt.cascade import WidthCascade
 from ftwt.criteria import filter_scores, ground_truth, mass_mask, uniform_mask
 from ftwt.engine import SparseEngine, fold_bn
 from ftwt.errors import (
@@ -83,6 +84,7 @@ __all__ = [
     "UnitOutput",
     "UnitSpec",
     "UnsupportedLayerError",
+    "WidthCascade",
     "__version__",
     "attach_gates",
     "backbone_parameters",

@@ -19,7 +19,8 @@ input is the previous gate's kept count, and gates and the classifier are left o
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import contextlib
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -158,6 +159,20 @@ class _Acc:
         )
 
 
+_UNCOUNTED = [0]  # > 0 inside uncounted(): active meters skip the forwards run there
+
+
+@contextlib.contextmanager
+def uncounted() -> Iterator[None]:
+    """Forwards run inside are not counted by any active :class:`FlopsMeter` (a second width of
+    the same batch in training, say, which is not what a deployed input costs)."""
+    _UNCOUNTED[0] += 1
+    try:
+        yield
+    finally:
+        _UNCOUNTED[0] -= 1
+
+
 class FlopsMeter:
     """Counts per-sample MACs of every forward pass of ``model`` while active.
 
@@ -200,6 +215,8 @@ class FlopsMeter:
 
     def _record(self, name: str):
         def hook(module: nn.Module, args: tuple[Any, ...], out: torch.Tensor) -> None:
+            if _UNCOUNTED[0]:
+                return
             x = args[0]
             active = x.detach().flatten(2).ne(0).any(-1) if isinstance(module, nn.Conv2d) else None
             self._pending.append((name, module, active, tuple(x.shape), tuple(out.shape)))
@@ -207,6 +224,8 @@ class FlopsMeter:
         return hook
 
     def _finish(self, module: nn.Module, args: tuple[Any, ...], out: Any) -> None:
+        if _UNCOUNTED[0]:
+            return
         pending, self._pending = self._pending, []
         if not pending:
             return

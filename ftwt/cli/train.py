@@ -1,7 +1,7 @@
 """``ftwt train``: train a dense baseline or FTWT gates from a recipe and/or flags.
 
 Settings are layered: TrainConfig defaults, then the ``--resume`` checkpoint's config, then the
-``--preset`` (``ftwt+``: the recommended dynamic mode), then
+``--preset`` (``cascade``: the recommended mode; ``ftwt+``: per-input gates), then
 the ``--config`` recipe (a YAML path or a shipped recipe name such as
 ``cifar10_resnet56_r0.80_decoupled``), then the flags given. Writes ``config.yaml``,
 ``metrics.jsonl``, ``last.pt``, ``best.pt`` and ``report.json`` into ``--out``. For several
@@ -61,7 +61,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--gate-softmax", dest="gate_softmax", action=_BOOL, help="softmax over pooled features (default on)")
     g.add_argument("--gate-embed", dest="gate_embed", type=int, help="target gate embedding size (sets d per unit)")
     g.add_argument("--preset", default=None, choices=sorted(PRESETS),
-                   help="a method preset applied before the recipe and flags: ftwt+ is the recommended dynamic mode")
+                   help="a method preset applied before the recipe and flags: cascade is the recommended mode "
+                   "(a width cascade), ftwt+ per-input gates")
     g.add_argument("--gate-features", dest="gate_features", help="avg (default) or avgmax")
     g.add_argument("--gate-hidden", dest="gate_hidden", type=int, help="hidden layer width in each gate (default 0)")
     g.add_argument("--gate-rule", dest="gate_rule", help="threshold (default), topk or budget (with --criterion uniform)")
@@ -78,6 +79,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--gate-warmup", dest="gate_warmup", type=int,
                    help="steps fitting the gates to the init model's labels before training (default 0)")
     g.add_argument("--masks", help="gate (default) or ground_truth: the oracle bound, perfect gates")
+    g.add_argument("--cascade", type=float,
+                   help="train a width cascade of this honest FLOPs reduction (0-1): the gates' masks for every "
+                   "input, every filter for the inputs the core is unsure of; writes cascade.pt")
+    g.add_argument("--cascade-holdout", dest="cascade_holdout", type=float,
+                   help="share of the training set held out to set the cascade's threshold (default 0.1)")
     g.add_argument("--lam", type=float, help="mask-loss weight until cooldown (default 1)")
     g.add_argument("--cooldown", type=float,
                    help="epoch from which gates are frozen; below 1 a share of the epochs (default: half)")
@@ -161,5 +167,11 @@ def run(args: argparse.Namespace) -> int:
         rows.insert(-1, ("dynamic?", f"decisions vary for {report['varying_fraction']:.1%} of filters; gate lift "
                                      f"{100 * lift:+.1f} pts over each filter's prior"
                                      + ("" if lift > 0 else " (no better than each filter's majority label)")))
+    if report.get("cascade"):
+        c = report["cascade"]
+        rows.insert(-1, ("cascade", f"top-1 {c['top1']:.2f}% at {_pct(c['flops_reduction'])} honest reduction: "
+                                    f"{c['escalated']:.1%} of inputs ran every filter (core alone {c['core_top1']:.2f}%); "
+                                    f"exit decision lift {100 * c['gate_lift']:+.1f} pts; decisions vary for "
+                                    f"{c['varying_fraction']:.1%} of filters"))
     print_table(rows)
     return 0

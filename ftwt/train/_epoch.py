@@ -13,8 +13,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ftwt import _faults
+from ftwt.cascade import full_forward
 from ftwt.errors import NonFiniteLossError
-from ftwt.flops import FlopsMeter
+from ftwt.flops import FlopsMeter, uncounted
 from ftwt.loss import mask_loss
 from ftwt.record import record
 from ftwt.train.runtime import set_rng_state
@@ -30,18 +31,25 @@ class TrainStep(nn.Module):
         model: the (gated or dense) model.
         train_gates: compute the mask loss (before cooldown); otherwise it is zero.
         balance: class-balanced mask loss.
+        cascade: also run every filter (the full width of a :mod:`ftwt.cascade`), whose logits
+            are the third output; its FLOPs are not counted (a deployed input runs one width
+            at a time, and the report counts both).
     """
 
-    def __init__(self, model: nn.Module, train_gates: bool, balance: bool = False) -> None:
+    def __init__(self, model: nn.Module, train_gates: bool, balance: bool = False, cascade: bool = False) -> None:
         super().__init__()
         self.model = model
         self.train_gates = train_gates
         self.balance = balance
+        self.cascade = cascade
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         out = self.model(x)
         ml = mask_loss(self.model, self.balance) if self.train_gates else out.new_zeros(())
-        return out, ml
+        if not self.cascade:
+            return out, ml, None
+        with uncounted():
+            return out, ml, full_forward(self.model, x)
 
 
 @dataclass
@@ -86,9 +94,11 @@ def run_epoch(trainer: Any, epoch: int, train_gates: bool, start: Position | Non
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             with meter if step % cfg.flops_every == 0 else contextlib.nullcontext():
                 with torch.autocast(device.type, enabled=trainer.amp):
-                    out, ml = net(x)
+                    out, ml, full = net(x)
                     ce = F.cross_entropy(out, y)
                     loss = ce + cfg.lam * ml
+                    if full is not None:  # a width cascade: both widths learn the task
+                        loss = loss + F.cross_entropy(full, y)
             if not _finite(loss, trainer.procs.world):
                 if not cfg.skip_nonfinite:
                     value = loss.item()

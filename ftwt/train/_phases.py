@@ -11,9 +11,13 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Any
 
+import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader
 
+from ftwt.cascade import WIDTHS, WidthCascade, bn_statistics, build
+from ftwt.checkpoint import save_checkpoint
+from ftwt.errors import ConfigError
 from ftwt.estimate import estimate
 from ftwt.loss import fit_gates
 from ftwt.report import write_report
@@ -63,10 +67,39 @@ def finish(t: Trainer, last: dict[str, Any] | None) -> dict[str, Any]:
         "epochs": cfg.epochs, **(last or t.evaluate()),  # none yet: calibrated, or nothing trained here
         "estimated_reduction": t.estimated, "best_top1": t.best_top1, "calibrated_decisions": t.calibrated,
     }
+    if cfg.cascade is not None:
+        report["cascade"] = _cascade(t, report["dense_macs"])
     if t.is_main:
         write_report(report, t.out)
         plot_curves(t.out)
     return report
+
+
+def _cascade(t: Trainer, dense_macs: float) -> dict[str, Any]:
+    """Build the trained model's width cascade, save it as ``cascade.pt`` and report it on the whole validation set."""
+    cfg = t.config
+    loader = DataLoader(t.holdout_set, batch_size=cfg.batch_size, shuffle=False)
+    try:
+        cascade = build(t.model, t.loaders.train, loader, cfg.cascade, dense_macs, t.device, cfg.calibrate_batches)
+    except ConfigError as exc:
+        log.warning("cascade: %s; no input escalates", exc)
+        cascade = WidthCascade(t.model, {w: bn_statistics(t.model, t.loaders.train, w, t.device, cfg.calibrate_batches)
+                                         for w in WIDTHS})
+    if t.procs.world > 1:  # each process estimated on its own shard: keep rank 0's
+        for stats in cascade.bn.values():
+            for v in stats.values():
+                dist.broadcast(v, 0)
+        tau = torch.tensor([cascade.tau], device=t.device)
+        dist.broadcast(tau, 0)
+        cascade.tau = float(tau)
+    rep = cascade.report(DataLoader(t.loaders.val.dataset, batch_size=cfg.batch_size, shuffle=False), t.device)
+    if t.is_main:
+        save_checkpoint({"bn": {w: {k: v.cpu() for k, v in s.items()} for w, s in cascade.bn.items()},
+                         "tau": cascade.tau, "cascade": cfg.cascade}, t.out / "cascade.pt")
+        log.info("cascade: top-1 %.2f%% at %.1f%% honest FLOPs reduction; %.1f%% of inputs ran every filter "
+                 "(core alone %.2f%%); exit decision lift %+.1f pts", rep["top1"], 100 * rep["flops_reduction"],
+                 100 * rep["escalated"], rep["core_top1"], 100 * rep["gate_lift"])
+    return rep
 
 
 __all__ = ["finish", "start"]

@@ -35,6 +35,19 @@ PRESETS: dict[str, dict[str, Any]] = {
         "cooldown": 0.75,  # gates train for three quarters of the epochs
         "schedule": "cosine",
     },
+    # The mode that beats static pruning on the development benchmark: a width cascade
+    # (ftwt.cascade). threshold is the share of the blocks' inner filters outside the core.
+    "cascade": {
+        "criterion": "uniform",
+        "threshold": 0.7,
+        "gate_rule": "topk",
+        "gate_init": "weights",  # the core: the static L1 x |gamma| choice, the same for every input
+        "gate_scope": "internal",
+        "cooldown": 0,  # the core's gates never train
+        "lam": 0.0,
+        "cascade": 0.5,  # honest FLOPs reduction of the whole cascade; sets how many inputs run every filter
+        "schedule": "cosine",
+    },
 }
 
 
@@ -84,6 +97,8 @@ class TrainConfig:
     gate_init: str = "random"  # "random", or "weights": gates start as the static L1 choice of filters
     gate_warmup: int = 0  # steps fitting the gates to the frozen init model's labels before training
     masks: str = "gate"  # masks applied in training and evaluation: "gate", or "ground_truth" (the oracle bound)
+    cascade: float | None = None  # width cascade (ftwt.cascade) of this honest FLOPs reduction; None: none
+    cascade_holdout: float = 0.1  # share of the training set held out (not trained on) to set the cascade's tau
     lam: float = 1.0  # mask-loss weight until cooldown (then 0)
     cooldown: float | None = None  # epoch from which gates are frozen (below 1: a share of the epochs); None: half, rounded up (reference)
     balance_loss: bool = False  # class-balanced mask loss: labels are mostly 1 and plain BCE leans to keeping
@@ -142,6 +157,13 @@ class TrainConfig:
             raise ConfigError(f"gate_warmup must be >= 0 steps, got {self.gate_warmup}")
         if self.masks not in ("gate", "ground_truth"):
             raise ConfigError(f"unknown masks {self.masks!r}; choose 'gate' or 'ground_truth' (the oracle bound)")
+        if self.cascade is not None:
+            if self.dense or self.masks != "gate":
+                raise ConfigError("cascade needs a gated run with masks 'gate' (its core is the gates' masks)")
+            if not 0 < self.cascade < 1:
+                raise ConfigError(f"cascade is an honest FLOPs reduction in (0, 1), got {self.cascade}")
+            if not 0 < self.cascade_holdout < 1:
+                raise ConfigError(f"cascade_holdout must be a share in (0, 1), got {self.cascade_holdout}")
         # GateConfig checks the rest; a dense run's threshold is never used, so it is not checked
         self._gates(self.threshold if not self.dense else GateConfig.threshold)
 

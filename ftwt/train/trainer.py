@@ -41,6 +41,7 @@ from torch.nn.parallel import DistributedDataParallel
 from ftwt import _faults
 from ftwt._io import FolderLock, append_text
 from ftwt.calibrate import calibrate_decisions
+from ftwt.cascade import holdout_split
 from ftwt.errors import ConfigError, OutputError
 from ftwt.evaluate import evaluate
 from ftwt.surgery import gate_parameters
@@ -98,6 +99,9 @@ class Trainer:
             raise ConfigError("sync_bn needs CUDA")
         seed_everything(cfg.seed)
         cfg, self.train_set, val_set, self.info = resolve_data(cfg, train_data, val_data, model)
+        self.holdout_set = None  # a width cascade sets its threshold on these, never trained on
+        if cfg.cascade is not None:
+            self.train_set, self.holdout_set = holdout_split(self.train_set, cfg.cascade_holdout, cfg.seed)
         if model is not None:
             cfg = replace(cfg, model=model_name(model, cfg.model))
         self.loaders = Loaders(self.train_set, val_set, cfg.data_config(), cfg.seed, self.procs, self.device)
@@ -232,7 +236,7 @@ class Trainer:
 
     # State -----------------------------------------------------------------------------------
     def _wrap(self, train_gates: bool) -> nn.Module:
-        step = TrainStep(self.model, train_gates, self.config.balance_loss)
+        step = TrainStep(self.model, train_gates, self.config.balance_loss, self.config.cascade is not None)
         if self.procs.world == 1:
             return step
         return DistributedDataParallel(step, device_ids=[self.device] if self.device.type == "cuda" else None)
