@@ -1,13 +1,13 @@
 """The whole method in about a minute on a laptop CPU: ``ftwt demo``.
 
 On the embedded digits data (no download, no GPU): train a dense ResNet-20, estimate the
-FLOPs reduction *before* training the gates, train the recommended dynamic mode
-(:data:`ftwt.PRESETS` ``["ftwt+"]``) and the paper's mode from the dense model, and compare
-accuracy and honest FLOPs with the dense model and with the best static model of the same
-FLOPs (Torch-Pruning, every channel group or the blocks' inner channels only, chosen on the
-training data, fine-tuned for as many epochs with the same schedule). Writes
-``OUT/report.json``, ``OUT/accuracy_vs_flops.png`` and each run's own folder
-(``OUT/dense``, ``OUT/ftwt+``, ``OUT/ftwt``).
+FLOPs reduction *before* training the gates, train the recommended mode (a width cascade,
+:data:`ftwt.PRESETS` ``["cascade"]``, :mod:`ftwt.cascade`) and the paper's mode from the dense
+model, and compare accuracy and honest FLOPs with the dense model and with the best static
+model of the same FLOPs (Torch-Pruning, every channel group or the blocks' inner channels
+only, chosen on the training data, fine-tuned for as many epochs with the same schedule).
+Writes ``OUT/report.json``, ``OUT/accuracy_vs_flops.png`` and each run's own folder
+(``OUT/dense``, ``OUT/cascade``, ``OUT/ftwt``).
 """
 
 from __future__ import annotations
@@ -34,7 +34,8 @@ class DemoConfig:
     out_dir: str = "runs/demo"  # report.json, accuracy_vs_flops.png, dense/ and ftwt/ runs
     model: str = "resnet20"  # the smallest CIFAR ResNet: accurate on digits within a few epochs
     threshold: float = 0.85  # paper mode's mass r: keep the filters carrying 85% of each unit's activation mass
-    rho: float = 0.5  # ftwt+: share of each block's inner filters pruned for every image
+    rho: float = 0.7  # cascade: share of each block's inner filters outside the core (computed only when unsure)
+    budget: float = 0.5  # cascade: its honest FLOPs reduction, which sets how many images run every filter
     dense_epochs: int = 6  # cosine schedule from lr 0.1: ~99% top-1 on digits
     ftwt_epochs: int = 4  # gates train for the first half, the backbone adapts in the second
     batch_size: int = 64  # small batches: more steps per epoch on a 1,437-image training set
@@ -49,7 +50,8 @@ class DemoConfig:
 
 
 def _summary(report: dict[str, Any]) -> dict[str, Any]:
-    keys = ("top1", "top5", "dense_macs", "dynamic_macs", "flops_reduction", "gate_macs", "kept", "kept_labels",
+    keys = ("top1", "top5", "core_top1", "full_top1", "escalated", "core_macs", "dense_macs", "dynamic_macs",
+            "flops_reduction", "gate_macs", "kept", "kept_labels",
             "gate_accuracy", "varying_fraction", "label_varying_fraction", "static_oracle_accuracy", "gate_lift",
             "ground_truth_reduction", "estimated_reduction")
     return {k: report[k] for k in keys if k in report}
@@ -90,8 +92,8 @@ def run_demo(config: DemoConfig | None = None) -> dict[str, Any]:
         config: demo settings (default :class:`DemoConfig`).
 
     Returns:
-        The dict written to ``OUT/report.json``: ``dense``, ``ftwt+`` and ``ftwt`` summaries, the
-        static yardsticks of their FLOPs (``static_ftwt+``, ``static``), the paper mode's
+        The dict written to ``OUT/report.json``: ``dense``, ``cascade`` and ``ftwt`` summaries, the
+        static yardsticks of their FLOPs (``static_cascade``, ``static``), the paper mode's
         ``estimated_reduction`` and ``achieved_reduction``, ``accuracy_drop`` and timings.
 
     Example:
@@ -140,23 +142,25 @@ def _run(cfg: DemoConfig) -> dict[str, Any]:
     dense = Trainer(TrainConfig(dense=True, epochs=cfg.dense_epochs, out_dir=str(out / "dense"), **common)).fit()
     dense_time = time.time() - start
     init = str(out / "dense" / "last.pt")
-    log.info("2/3 ftwt+ (recommended) at rho=%g from the dense model, %d epochs", cfg.rho, cfg.ftwt_epochs)
-    plus = Trainer(TrainConfig.from_preset("ftwt+", init=init, threshold=cfg.rho, epochs=cfg.ftwt_epochs,
-                                           out_dir=str(out / "ftwt+"), **common)).fit()
+    log.info("2/3 width cascade (recommended) at %.0f%% reduction, core rho=%g, from the dense model, %d epochs",
+             100 * cfg.budget, cfg.rho, cfg.ftwt_epochs)
+    run = Trainer(TrainConfig.from_preset("cascade", init=init, threshold=cfg.rho, cascade=cfg.budget,
+                                          epochs=cfg.ftwt_epochs, out_dir=str(out / "cascade"), **common)).fit()
+    cascade = {**run["cascade"], "estimated_reduction": run["estimated_reduction"]}
     log.info("3/3 FTWT paper mode at r=%g from the dense model, %d epochs", cfg.threshold, cfg.ftwt_epochs)
     ftwt = Trainer(TrainConfig(init=init, threshold=cfg.threshold, epochs=cfg.ftwt_epochs,
                                calibrate=cfg.calibrate, calibrate_batches=8, out_dir=str(out / "ftwt"), **common)).fit()
     log.info("yardsticks: static models of the same FLOPs (Torch-Pruning), fine-tuned for %d epochs", cfg.ftwt_epochs)
-    static_plus = _static_yardstick(cfg, out / "dense" / "last.pt", plus["dynamic_macs"], dense["dense_macs"])
+    static_cascade = _static_yardstick(cfg, out / "dense" / "last.pt", cascade["dynamic_macs"], dense["dense_macs"])
     static = _static_yardstick(cfg, out / "dense" / "last.pt", ftwt["dynamic_macs"], dense["dense_macs"])
     points = [
         {"label": "dense", "top1": dense["top1"], "flops_reduction": 0.0, "kind": "dense"},
-        {"label": "static, same FLOPs", "top1": static_plus["top1"], "flops_reduction": static_plus["flops_reduction"],
+        {"label": "static, same FLOPs", "top1": static_cascade["top1"], "flops_reduction": static_cascade["flops_reduction"],
          "kind": "static"},
         {"label": "static, same FLOPs", "top1": static["top1"], "flops_reduction": static["flops_reduction"],
          "kind": "static"},
-        {"label": f"ftwt+ rho={cfg.rho:g}", "top1": plus["top1"], "flops_reduction": plus["flops_reduction"],
-         "kind": "ftwt+"},
+        {"label": "cascade", "top1": cascade["top1"], "flops_reduction": cascade["flops_reduction"],
+         "kind": "cascade"},
         {"label": f"FTWT r={cfg.threshold:g}", "top1": ftwt["top1"], "flops_reduction": ftwt["flops_reduction"],
          "kind": "ftwt"},
         {"label": f"estimate r={cfg.threshold:g}", "top1": None, "flops_reduction": ftwt["estimated_reduction"],
@@ -166,8 +170,8 @@ def _run(cfg: DemoConfig) -> dict[str, Any]:
     result = {
         "config": asdict(cfg),
         "dense": _summary(dense),
-        "ftwt+": _summary(plus),
-        "static_ftwt+": static_plus,
+        "cascade": _summary(cascade),
+        "static_cascade": static_cascade,
         "ftwt": _summary(ftwt),
         "static": static,
         "estimated_reduction": ftwt["estimated_reduction"],
@@ -175,7 +179,7 @@ def _run(cfg: DemoConfig) -> dict[str, Any]:
         "accuracy_drop": dense["top1"] - ftwt["top1"],
         "dense_seconds": dense_time,
         "total_seconds": time.time() - start,
-        "files": {"plot": str(plot), "dense": str(out / "dense"), "ftwt+": str(out / "ftwt+"), "ftwt": str(out / "ftwt")},
+        "files": {"plot": str(plot), "dense": str(out / "dense"), "cascade": str(out / "cascade"), "ftwt": str(out / "ftwt")},
     }
     atomic_write_text(out / "report.json", json.dumps(result, indent=2, allow_nan=False) + "\n")
     return result

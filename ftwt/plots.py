@@ -19,7 +19,8 @@ from ftwt.errors import ConfigError
 _STYLES = {
     "dense": ("s", "black", "dense"),
     "ftwt": ("o", "tab:blue", "FTWT (dynamic)"),
-    "ftwt+": ("D", "tab:red", "ftwt+ (dynamic, recommended)"),
+    "ftwt+": ("D", "tab:purple", "ftwt+ (dynamic)"),
+    "cascade": ("P", "tab:red", "width cascade (dynamic, recommended)"),
     "static": ("^", "tab:orange", "static pruning"),
     "estimate": ("x", "tab:green", "estimate (perfect gates)"),
 }
@@ -168,7 +169,7 @@ def plot_training(metrics: Sequence[dict[str, Any]], path: str | os.PathLike) ->
 _SWEEP_STYLES = {
     "ftwt": ("o", "tab:blue", "FTWT (paper mode)", False),
     "uniform": ("v", "tab:purple", "FTWT, uniform criterion", False),
-    "ftwt+": ("D", "tab:red", "ftwt+ (recommended)", False),
+    "ftwt+": ("D", "tab:red", "ftwt+ (per-input gates)", False),
     "oracle": ("*", "tab:gray", "oracle (perfect gates, not deployable)", True),
     "static": ("^", "tab:orange", "static, all channel groups", True),
     "static-inner": ("s", "tab:brown", "static, blocks' inner channels", True),

@@ -95,3 +95,9 @@ def test_demo_writes_report_and_plot(tmp_path, capsys):
     assert report["static"]["dense_macs"] == pytest.approx(report["ftwt"]["dynamic_macs"], rel=0.1)
     assert 0 <= report["static"]["top1"] <= 100
     assert (out / "accuracy_vs_flops.png").stat().st_size > 0
+    # The recommended mode is the width cascade; its yardstick is pruned to the cascade's mean MACs.
+    cascade = report["cascade"]
+    assert "cascade (recommended)" in table and "exit lift" in table
+    assert report["static_cascade"]["dense_macs"] == pytest.approx(cascade["dynamic_macs"], rel=0.1)
+    assert cascade["core_macs"] < cascade["dynamic_macs"] and {"gate_lift", "varying_fraction"} <= set(cascade)
+    assert (out / "cascade" / "cascade.pt").is_file()

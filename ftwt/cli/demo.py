@@ -1,4 +1,4 @@
-"""``ftwt demo``: dense model, FLOPs estimate, the recommended ftwt+ gates and the paper's, against static pruning.
+"""``ftwt demo``: dense model, FLOPs estimate, the recommended width cascade and the paper's gates, against static pruning.
 
 Runs on the embedded digits data: no download, no GPU needed.
 """
@@ -23,7 +23,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--mass", type=unit_interval, default=_DEFAULTS.threshold,
                    help=f"mass threshold r (default {_DEFAULTS.threshold})")
     p.add_argument("--rho", type=unit_interval, default=_DEFAULTS.rho,
-                   help=f"ftwt+: share of the blocks' inner filters pruned per image (default {_DEFAULTS.rho})")
+                   help=f"cascade: share of the blocks' inner filters outside the core (default {_DEFAULTS.rho})")
+    p.add_argument("--budget", type=unit_interval, default=_DEFAULTS.budget,
+                   help=f"cascade: its honest FLOPs reduction (default {_DEFAULTS.budget})")
     p.add_argument("--dense-epochs", type=int, default=_DEFAULTS.dense_epochs)
     p.add_argument("--ftwt-epochs", type=int, default=_DEFAULTS.ftwt_epochs)
     p.add_argument("--no-calibrate", dest="calibrate", action="store_false",
@@ -45,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("--dense-epochs and --ftwt-epochs must be positive")
     if args.threads is not None and args.threads <= 0:
         raise ConfigError(f"--threads must be positive, got {args.threads}")
-    config = DemoConfig(out_dir=args.out, model=args.model, threshold=args.mass, rho=args.rho,
+    config = DemoConfig(out_dir=args.out, model=args.model, threshold=args.mass, rho=args.rho, budget=args.budget,
                         dense_epochs=args.dense_epochs, ftwt_epochs=args.ftwt_epochs,
                         calibrate=args.calibrate, image_size=args.image_size,
                         train_subset=args.train_subset, seed=args.seed, device=args.device, threads=args.threads,
@@ -61,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print_json(result)
         return 0
-    dense, plus, ftwt = result["dense"], result["ftwt+"], result["ftwt"]
+    dense, cascade, ftwt = result["dense"], result["cascade"], result["ftwt"]
 
     def dynamic(run):
         lift = run.get("gate_lift")
@@ -70,6 +72,13 @@ def run(args: argparse.Namespace) -> int:
                 f"(estimate {run['estimated_reduction']:.1%}); decisions vary for {run['varying_fraction']:.0%} of "
                 f"filters, gate lift {100 * (lift or 0):+.1f} pts{told}")
 
+    def cascaded(run):
+        lift = run["gate_lift"]
+        told = "" if lift > 0 else " (no better than the majority label)"
+        return (f"{run['top1']:6.2f}%  {run['dynamic_macs'] / 1e6:7.2f}M     {run['flops_reduction']:.1%} achieved; "
+                f"{run['escalated']:.0%} of images ran every filter (core alone {run['core_top1']:.2f}%), decisions "
+                f"vary for {run['varying_fraction']:.0%} of filters, exit lift {100 * lift:+.1f} pts{told}")
+
     def static(run):
         return (f"{run['top1']:6.2f}%  {run['dense_macs'] / 1e6:7.2f}M     {run['flops_reduction']:.1%} "
                 f"(Torch-Pruning, {run['scope']} groups, same FLOPs and fine-tuning)")
@@ -77,8 +86,8 @@ def run(args: argparse.Namespace) -> int:
     print_table([
         ("", "top-1     MACs/image   FLOPs reduction"),
         ("dense", f"{dense['top1']:6.2f}%  {dense['dense_macs'] / 1e6:7.2f}M     -"),
-        ("ftwt+ (recommended)", dynamic(plus)),
-        ("static", static(result["static_ftwt+"])),
+        ("cascade (recommended)", cascaded(cascade)),
+        ("static", static(result["static_cascade"])),
         (f"FTWT paper r={args.mass:g}", dynamic(ftwt)),
         ("static", static(result["static"])),
         ("time", f"{result['total_seconds']:.0f} s"),
