@@ -48,6 +48,14 @@ def load(root: str, per_class: int | None = None):
     return xtr, ytr, d["xva"], d["yva"]
 
 
+def load_unseen(root: str, start: int, per_class: int):
+    """Training-folder images ``start .. start + per_class`` of each class: past the ``start`` that
+    the dense model saw (and the fewer the fine-tuning sees), so no model was trained on them."""
+    xtr, ytr, _, _ = load(root)
+    idx = torch.cat([torch.nonzero(ytr == c).flatten()[start: start + per_class] for c in range(10)])
+    return xtr[idx], ytr[idx]
+
+
 def normalize(x_u8: torch.Tensor) -> torch.Tensor:
     """uint8 images to normalised float."""
     return (x_u8.float() / 255 - MEAN) / STD

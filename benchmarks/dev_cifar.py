@@ -59,6 +59,7 @@ import _routes as R  # noqa: E402
 import ftwt  # noqa: E402
 from ftwt.baselines import prune_to_macs  # noqa: E402
 from ftwt.bench import describe_machine, machine_info, time_calls  # noqa: E402
+from ftwt.cascade import WIDTHS, WidthCascade, bn_statistics, cascade_loss  # noqa: E402
 from ftwt.loss import fit_gates, mask_loss, unit_loss  # noqa: E402
 from ftwt.models import get_model  # noqa: E402
 from ftwt.surgery import backbone_parameters, gate_parameters, init_gates_from_weights  # noqa: E402
@@ -102,18 +103,26 @@ def _gate_config(args: argparse.Namespace) -> ftwt.GateConfig:
     return ftwt.GateConfig(threshold=args.mass)
 
 
-def _run(args: argparse.Namespace) -> None:
+def _begin(args: argparse.Namespace):
+    """``(out, result path, (xtr, ytr, xva, yva), dense model)`` for a run, or None if it is done already."""
     out = Path(args.out)
     result_path = out / "results" / f"{args.name}.json"
     if result_path.exists():
         print(f"{args.name}: done already ({result_path})")
-        return
+        return None
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    xtr, ytr, xva, yva = D.load(args.data, args.per_class)
+    data = D.load(args.data, args.per_class)
     dense = get_model(MODEL, num_classes=10)
     dense.load_state_dict(torch.load(out / "dense.pt", weights_only=True)["model"])
-    dense.eval()  # the teacher of --kd, and the copy each method starts from
+    return out, result_path, data, dense.eval()  # the teacher of --kd, and the copy each method starts from
+
+
+def _run(args: argparse.Namespace) -> None:
+    begun = _begin(args)
+    if begun is None:
+        return
+    out, result_path, (xtr, ytr, xva, yva), dense = begun
     t0 = time.time()
     gated = args.method in GATED
     if args.method == "static":
@@ -217,6 +226,71 @@ def _run(args: argparse.Namespace) -> None:
     print("RESULT", json.dumps(res), flush=True)
 
 
+def _cascade(args: argparse.Namespace) -> None:
+    """``cascade``: one model in two widths (``ftwt.cascade``), trained together, ``tau`` set on unseen images."""
+    trained_in = None
+    if args.rescore:  # score a trained run again with this code (its training is not repeated)
+        old = Path(args.out) / "results" / f"{args.name}.json"
+        trained_in = json.loads(old.read_text())["train_seconds"] if old.exists() else None
+        old.unlink(missing_ok=True)
+    begun = _begin(args)
+    if begun is None:
+        return
+    out, result_path, (xtr, ytr, xva, yva), dense = begun
+    xca, yca = D.load_unseen(args.data, args.dense_per_class, args.calib_per_class)
+    model = copy.deepcopy(dense)
+    gates = _gate_config(argparse.Namespace(method="plus", rho=args.rho, saliency="none", rule=None, offset=False,
+                                            dynamic=1.0))
+    ftwt.attach_gates(model, gates)
+    saved = out / "models" / f"{args.name}.pt"
+    if args.rescore:
+        blob = torch.load(saved, weights_only=True)
+        model.load_state_dict(blob["state"])
+        cascade = WidthCascade.from_state(model.eval(), blob)
+        train_seconds = blob.get("train_seconds", trained_in)
+    else:
+        cascade, train_seconds = _train_cascade(args, model, xtr, ytr)
+    target = json.loads((out / "results" / f"{args.match}.json").read_text())["dynamic_macs"]
+    cascade.set_budget(D.batches(xca, yca, 500), macs=target)
+    res = {"name": args.name, "method": "cascade", "args": vars(args), "train_seconds": train_seconds,
+           "target_macs": target, **cascade.report(D.batches(xva, yva, 500))}
+    # The reference code's count: the core's, plus the dense count for the escalated images.
+    core = ftwt.evaluate(cascade.use("core"), D.batches(xva, yva, 500), "cpu", ground_truth=False)
+    ref_dense = core["reference_macs"] / (1.0 - core["reference_reduction"])
+    res["reference_reduction"] = 1.0 - (core["reference_macs"] + res["escalated"] * ref_dense) / ref_dense
+    res["train_top1"] = cascade.report(D.batches(xtr, ytr, 500))["top1"]
+    (out / "models").mkdir(parents=True, exist_ok=True)
+    torch.save({"state": model.state_dict(), "gates": gates.to_dict(), "train_seconds": train_seconds,
+                **cascade.cascade_state()}, saved)
+    result_path.parent.mkdir(parents=True, exist_ok=True)
+    result_path.write_text(json.dumps(res, indent=1))
+    print("RESULT", json.dumps(res), flush=True)
+
+
+def _train_cascade(args: argparse.Namespace, model: torch.nn.Module, xtr, ytr) -> tuple[WidthCascade, float]:
+    """Both widths trained together; each width's BatchNorm statistics re-estimated after."""
+    init_gates_from_weights(model)  # the core: the static L1 x |gamma| choice, for every image
+    for p in gate_parameters(model):
+        p.requires_grad_(False)
+    steps = args.epochs * math.ceil(len(ytr) / 128)
+    opt = torch.optim.SGD(backbone_parameters(model), lr=0.01, momentum=0.9, weight_decay=5e-4)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
+    gen = torch.Generator().manual_seed(args.seed + 1)
+    t0 = time.time()
+    for ep in range(args.epochs):
+        model.train()
+        for xb, yb in D.batches(xtr, ytr, 128, gen, train=True):
+            loss = cascade_loss(model, xb, yb)[0]
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+        print(json.dumps({"run": args.name, "epoch": ep + 1, "loss": loss.item(), "t": time.time() - t0}), flush=True)
+    train_seconds = time.time() - t0
+    bn = {w: bn_statistics(model, D.batches(xtr, ytr, 128, torch.Generator().manual_seed(0), train=True), w)
+          for w in WIDTHS}
+    return WidthCascade(model, bn), train_seconds
+
 def _attach_fills(model: torch.nn.Module) -> None:
     """``--fill``: a skipped filter outputs a learnt constant instead of zero (one per filter,
     trained with the backbone), so a layer after it sees the same mean whichever filters an
@@ -264,14 +338,24 @@ def _latency(args: argparse.Namespace) -> None:
     """Batch-1, one-thread CPU latency of what each run would deploy, measured side by side."""
     out = Path(args.out)
     _, _, xva, _ = D.load(args.data, 1)
-    xs = [x[None] for x in D.normalize(xva[:32])]
+    # spread over the classes (the folder is sorted by class): a cascade's cost depends on the image
+    xs = [x[None] for x in D.normalize(xva[torch.linspace(0, len(xva) - 1, args.images).long()])]
     dense = get_model(MODEL, num_classes=10)
     dense.load_state_dict(torch.load(out / "dense.pt", weights_only=True)["model"])
     fns = {"dense": (lambda it: lambda: dense(next(it)))(_cycle(xs))}
+    only = set(args.only.split(",")) if args.only else None
     for path in sorted((out / "results").glob("*.json")):
         res = json.loads(path.read_text())
-        if res["method"] == "oracle":
-            continue  # needs the full output for its labels: nothing to deploy
+        if res["method"] == "oracle" or (only is not None and res["name"] not in only):
+            continue  # an oracle needs the full output for its labels: nothing to deploy
+        if res["method"] == "cascade":
+            # The core on the engine, the full width (the plain model) for the images it escalates.
+            blob = torch.load(out / "models" / f"{res['name']}.pt", weights_only=True)
+            model = ftwt.attach_gates(get_model(MODEL, num_classes=10), ftwt.GateConfig.from_dict(blob["gates"]))
+            model.load_state_dict(blob["state"])
+            engine = WidthCascade.from_state(model.eval(), blob).engine(example=xs[0])
+            fns[f"{res['name']}|auto"] = (lambda e, it: lambda: e(next(it)))(engine, _cycle(xs))
+            continue
         model = _load(out, res["name"])
         if res["method"] in GATED:
             # The default engine: each convolution's kernel chosen by timing, then checked whole.
@@ -281,7 +365,8 @@ def _latency(args: argparse.Namespace) -> None:
             fns[res["name"]] = (lambda m, it: lambda: m(next(it)))(model.eval(), _cycle(xs))
     ms = time_calls(fns, threads=1, min_run_time=args.min_run_time)
     record = {"machine": describe_machine(machine_info()), "isa": _isa(), "ms": ms}
-    (out / "latency.json").write_text(json.dumps(record, indent=1))
+    if only is None:  # the table's file holds every run
+        (out / "latency.json").write_text(json.dumps(record, indent=1))
     print(json.dumps(record, indent=1))
 
 
@@ -374,12 +459,24 @@ def main() -> None:
                    help="weight of distillation from the dense model (any method, so static gets it too)")
     r.add_argument("--match", help="static: the run whose achieved MACs to match")
     r.add_argument("--scope", choices=("all", "internal"), default="all", help="static: channel groups pruned")
+    c = sub.add_parser("cascade", help="the width cascade (_cascade.py): core for every image, all filters when unsure")
+    c.add_argument("name")
+    c.add_argument("--rho", type=float, default=0.6, help="share of inner filters outside the core")
+    c.add_argument("--match", required=True, help="the run whose honest MACs are the budget")
+    c.add_argument("--epochs", type=int, default=10)
+    c.add_argument("--per-class", type=int, default=1000)
+    c.add_argument("--dense-per-class", type=int, default=2000, help="training images per class the dense model saw")
+    c.add_argument("--calib-per-class", type=int, default=500, help="unseen training images per class tau is set on")
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--rescore", action="store_true", help="score the saved model again (no training)")
     lat = sub.add_parser("latency", help="batch-1 CPU latency of every finished run")
     lat.add_argument("--min-run-time", type=float, default=1.0)
+    lat.add_argument("--images", type=int, default=64, help="validation images cycled, spread over the classes")
+    lat.add_argument("--only", default=None, help="comma-separated runs to time (printed, latency.json untouched)")
     t = sub.add_parser("table", help="the README table")
     t.add_argument("--dense-top1", default=None)
     args = p.parse_args()
-    {"dense": _dense, "run": _run, "latency": _latency, "table": _table}[args.cmd](args)
+    {"dense": _dense, "run": _run, "cascade": _cascade, "latency": _latency, "table": _table}[args.cmd](args)
 
 
 if __name__ == "__main__":
