@@ -133,9 +133,13 @@ class WidthCascade(nn.Module):
 
     Args:
         model: a gated model (its gates' masks are the core).
-        bn: ``{"core": stats, "full": stats}``, each from :func:`bn_statistics`.
+        bn: ``{"core": stats, "full": stats}``, each from :func:`bn_statistics` (``"core"`` only
+            with ``full``).
         tau: inputs whose core top probability is below ``tau`` also run the full width
             (0: none does; above 1: every one does).
+        full: a separate plain model as the full width (the dense model the core was pruned
+            from, say) instead of the gated model's own filters: two sets of weights, and the
+            core trains alone.
 
     Example:
         >>> bn = {w: ftwt.cascade.bn_statistics(model, train_loader, w) for w in ftwt.cascade.WIDTHS}
@@ -144,23 +148,30 @@ class WidthCascade(nn.Module):
         >>> cascade.report(val_loader)["top1"]
     """
 
-    def __init__(self, model: nn.Module, bn: dict[str, dict[str, torch.Tensor]], tau: float = 0.0) -> None:
+    def __init__(self, model: nn.Module, bn: dict[str, dict[str, torch.Tensor]], tau: float = 0.0,
+                 full: nn.Module | None = None) -> None:
         super().__init__()
         if not is_gated(model):
             raise ConfigError("WidthCascade needs a gated model (ftwt.attach_gates): its masks are the core")
-        missing = [w for w in WIDTHS if w not in bn]
+        if full is not None and is_gated(full):
+            raise ConfigError("WidthCascade: a separate full width must be a plain model (ftwt.detach_gates)")
+        needed = ("core",) if full is not None else WIDTHS
+        missing = [w for w in needed if w not in bn]
         if missing:
             raise ConfigError(f"WidthCascade: no BatchNorm statistics for width(s) {missing}")
-        for w in WIDTHS:
+        for w in needed:
             if len(bn[w]) != 2 * len(_bns(model)):
                 raise ConfigError(f"WidthCascade: {w!r} statistics are for {len(bn[w]) // 2} BatchNorm layers, "
                                   f"the model has {len(_bns(model))}")
         self.model = model
-        self.bn = bn
+        self.bn = {w: bn[w] for w in needed}
         self.tau = float(tau)
+        self.full = full.eval() if full is not None else None
 
     def use(self, width: str) -> nn.Module:
         """The model with ``width``'s BatchNorm statistics loaded (to evaluate one width with other tools)."""
+        if width == "full" and self.full is not None:
+            return self.full
         if width not in self.bn:
             raise ConfigError(f"unknown width {width!r}; choose from {list(WIDTHS)}")
         _use_bn(self.model, self.bn[width])
@@ -168,12 +179,9 @@ class WidthCascade(nn.Module):
 
     @torch.no_grad()
     def _pass(self, x: torch.Tensor, width: str, meter: Any = None) -> torch.Tensor:
-        self.use(width)
-        self.model.eval()
-        if meter is None:
-            return width_forward(self.model, x, width)
-        with meter:
-            return width_forward(self.model, x, width)
+        net = self.use(width).eval()
+        with meter if meter is not None else contextlib.nullcontext():
+            return net(x) if net is self.full else width_forward(net, x, width)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits: the core's, and the full width's for the inputs the core is not confident about."""
@@ -191,7 +199,7 @@ class WidthCascade(nn.Module):
         from ftwt.flops import FlopsMeter
 
         got: dict[str, list[torch.Tensor]] = {k: [] for k in ("core", "full", "y")}
-        meters = {w: FlopsMeter(self.model) for w in WIDTHS}
+        meters = {w: FlopsMeter(self.use(w)) for w in WIDTHS}
         masks: dict[str, list[torch.Tensor]] = {}
         with record(self.model) as rec:
             for x, y in batches(loader, max_batches):
@@ -269,7 +277,10 @@ class WidthCascade(nn.Module):
         return plain.eval()
 
     def full_model(self) -> nn.Module:
-        """Every filter: a plain copy of the model, gates detached, the full width's BatchNorm statistics in."""
+        """Every filter: a plain copy of the model, gates detached, the full width's BatchNorm statistics in
+        (or a copy of the separate full model)."""
+        if self.full is not None:
+            return copy.deepcopy(self.full).cpu().eval()
         plain = copy.deepcopy(self.model).cpu().eval()
         _use_bn(plain, self.bn["full"])
         detach_gates(plain)
@@ -289,6 +300,8 @@ class WidthCascade(nn.Module):
             return CascadeEngine(self.core_model(example[:1]), self.full_model(), self.tau)
         if kind != "sparse":
             raise ConfigError(f"unknown cascade engine kind {kind!r}; choose 'pruned' or 'sparse'")
+        if self.full is not None:
+            raise ConfigError("a separate full model is not gated: use engine(kind='pruned')")
         widths = {}
         for w in WIDTHS:
             model = copy.deepcopy(self.model).cpu().eval()
@@ -315,10 +328,11 @@ class WidthCascade(nn.Module):
         return cls.from_state(load_model(run / "last.pt"), load_checkpoint(run / "cascade.pt"))
 
     @classmethod
-    def from_state(cls, model: nn.Module, state: dict[str, Any]) -> WidthCascade:
+    def from_state(cls, model: nn.Module, state: dict[str, Any], full: nn.Module | None = None) -> WidthCascade:
+        """The cascade of :meth:`cascade_state` on ``model`` (and the separate ``full`` model it had, if any)."""
         if not isinstance(state, dict) or "bn" not in state or "tau" not in state:
             raise ConfigError("a width cascade's state needs 'bn' and 'tau' (WidthCascade.cascade_state)")
-        return cls(model, state["bn"], float(state["tau"]))
+        return cls(model, state["bn"], float(state["tau"]), full)
 
 
 def score(out: dict[str, Any], tau: float) -> dict[str, Any]:

@@ -10,6 +10,7 @@ from conftest import randomize_bn
 import ftwt
 from ftwt import ConfigError, TrainConfig, attach_gates, get_model
 from ftwt.cascade import WIDTHS, CascadeEngine, WidthCascade, bn_statistics, cascade_loss, width_forward
+from ftwt.cli import main
 from ftwt.surgery import gated_units, init_gates_from_weights
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -174,6 +175,10 @@ def test_trainer_runs_the_cascade_preset_end_to_end(tmp_path, dense_ckpt):
     assert again.report(val)["top1"] == pytest.approx(rep["top1"])
     with pytest.raises(ConfigError, match="no cascade.pt"):
         WidthCascade.load(dense_ckpt.parent)
+    # ftwt eval of the run's final checkpoint reports the cascade next to the core
+    assert main(["eval", "--checkpoint", str(tmp_path / "last.pt"), "--json", "--out", str(tmp_path / "ev")]) == 0
+    ev = json.loads((tmp_path / "ev" / "report.json").read_text())["cascade"]
+    assert ev["tau"] == pytest.approx(rep["tau"]) and ev["core_macs"] < ev["dynamic_macs"] < ev["dense_macs"]
 
 
 @pytest.mark.parametrize("bad", [dict(cascade=1.5), dict(cascade=0.5, dense=True), dict(cascade=0.5, cascade_holdout=0.0),
@@ -196,3 +201,21 @@ def test_the_full_width_leaves_the_running_statistics_to_the_core():
     with torch.no_grad():
         width_forward(core_only, x, "full")  # without the guard the full width would move them
     assert any(not torch.allclose(ours[k], core_only.state_dict()[k]) for k in stats)
+
+
+def test_a_separate_full_model_serves_the_escalated_inputs():
+    model = _core_model()
+    dense = randomize_bn(get_model("resnet20", num_classes=10), seed=3).eval()
+    cascade = WidthCascade(model.eval(), {"core": bn_statistics(model, _loader(), "core")}, full=dense)
+    x = torch.randn(4, 3, 32, 32)
+    cascade.tau = 2.0  # every input escalates: the separate model's output
+    with torch.no_grad():
+        assert torch.allclose(cascade(x.clone()), dense(x), atol=1e-6)
+    rep = cascade.report(_loader(seed=4))
+    assert rep["escalated"] == 1.0 and rep["dynamic_macs"] > rep["dense_macs"]  # both passes paid
+    engine = cascade.engine(x[:1])
+    assert torch.allclose(engine(x), cascade(x.clone()), atol=1e-5)
+    with pytest.raises(ConfigError, match="plain model"):
+        WidthCascade(model, {"core": cascade.bn["core"]}, full=model)
+    with pytest.raises(ConfigError, match="not gated"):
+        cascade.engine(x[:1], kind="sparse")

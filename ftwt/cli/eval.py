@@ -13,6 +13,8 @@ from typing import Any
 
 from torch.utils.data import DataLoader
 
+from ftwt.cascade import WidthCascade
+from ftwt.checkpoint import load_checkpoint
 from ftwt.cli._common import add_json_arg, add_shortcut_arg, load_trained_model, positive, print_json, print_table
 from ftwt.data import DataConfig, build_datasets
 from ftwt.errors import ConfigError
@@ -72,6 +74,11 @@ def _table(out: dict[str, Any]) -> list[tuple[str, str]]:
         f"masks vary for {out['varying_fraction']:.2%} of decisions; {out['always_on_fraction']:.1%} of filters "
         f"always on, {out['always_off_fraction']:.1%} always off",
     ))
+    if out.get("cascade"):
+        c = out["cascade"]
+        rows.append(("cascade", f"top-1 {c['top1']:.2f}% at {c['flops_reduction']:.1%} honest reduction; "
+                                f"{c['escalated']:.1%} of inputs ran every filter (core alone {c['core_top1']:.2f}%); "
+                                f"exit decision lift {100 * c['gate_lift']:+.1f} pts"))
     if out.get("gate_lift") is not None:
         verdict = ("the gates predict the labels better than each filter's prior" if out["gate_lift"] > 0 else
                    "no better than each filter's majority label: if the decisions do not vary either, the gates ignore the input")
@@ -109,6 +116,10 @@ def run(args: argparse.Namespace) -> int:
     report = evaluate(model.to(device), loader, device, max_batches=args.max_batches)
     out = {"checkpoint": str(args.checkpoint), "model": ckpt.model_name, "dataset": info.name, **report}
     ckpt_path = Path(args.checkpoint).resolve()
+    if (ckpt_path.parent / "cascade.pt").is_file() and ckpt_path.name == "last.pt":
+        # a width cascade's run: its thresholds and BatchNorm statistics belong to the final model
+        cascade = WidthCascade.from_state(model, load_checkpoint(ckpt_path.parent / "cascade.pt"))
+        out["cascade"] = cascade.report(loader, device, max_batches=args.max_batches)
     out_dir = Path(args.out) if args.out else ckpt_path.parent / f"eval_{ckpt_path.stem}"
     written = write_report(out, out_dir)
     if args.json:
