@@ -59,7 +59,7 @@ import _routes as R  # noqa: E402
 import ftwt  # noqa: E402
 from ftwt.baselines import prune_to_macs  # noqa: E402
 from ftwt.bench import describe_machine, machine_info, time_calls  # noqa: E402
-from ftwt.cascade import WIDTHS, WidthCascade, bn_statistics, cascade_loss  # noqa: E402
+from ftwt.cascade import WIDTHS, WidthCascade, bn_statistics, cascade_loss, width_forward  # noqa: E402
 from ftwt.loss import fit_gates, mask_loss, unit_loss  # noqa: E402
 from ftwt.models import get_model  # noqa: E402
 from ftwt.surgery import backbone_parameters, gate_parameters, init_gates_from_weights  # noqa: E402
@@ -243,13 +243,14 @@ def _cascade(args: argparse.Namespace) -> None:
                                             dynamic=1.0))
     ftwt.attach_gates(model, gates)
     saved = out / "models" / f"{args.name}.pt"
+    full = dense if args.full == "dense" else None
     if args.rescore:
         blob = torch.load(saved, weights_only=True)
         model.load_state_dict(blob["state"])
-        cascade = WidthCascade.from_state(model.eval(), blob)
+        cascade = WidthCascade.from_state(model.eval(), blob, full)
         train_seconds = blob.get("train_seconds", trained_in)
     else:
-        cascade, train_seconds = _train_cascade(args, model, xtr, ytr)
+        cascade, train_seconds = _train_cascade(args, model, xtr, ytr, full)
     target = json.loads((out / "results" / f"{args.match}.json").read_text())["dynamic_macs"]
     cascade.set_budget(D.batches(xca, yca, 500), macs=target)
     res = {"name": args.name, "method": "cascade", "args": vars(args), "train_seconds": train_seconds,
@@ -261,14 +262,16 @@ def _cascade(args: argparse.Namespace) -> None:
     res["train_top1"] = cascade.report(D.batches(xtr, ytr, 500))["top1"]
     (out / "models").mkdir(parents=True, exist_ok=True)
     torch.save({"state": model.state_dict(), "gates": gates.to_dict(), "train_seconds": train_seconds,
-                **cascade.cascade_state()}, saved)
+                "full": args.full, **cascade.cascade_state()}, saved)
     result_path.parent.mkdir(parents=True, exist_ok=True)
     result_path.write_text(json.dumps(res, indent=1))
     print("RESULT", json.dumps(res), flush=True)
 
 
-def _train_cascade(args: argparse.Namespace, model: torch.nn.Module, xtr, ytr) -> tuple[WidthCascade, float]:
-    """Both widths trained together; each width's BatchNorm statistics re-estimated after."""
+def _train_cascade(args: argparse.Namespace, model: torch.nn.Module, xtr, ytr,
+                   full: torch.nn.Module | None) -> tuple[WidthCascade, float]:
+    """Both widths trained together (the core alone, with a separate ``full`` model); each width's
+    BatchNorm statistics re-estimated after."""
     init_gates_from_weights(model)  # the core: the static L1 x |gamma| choice, for every image
     for p in gate_parameters(model):
         p.requires_grad_(False)
@@ -280,7 +283,8 @@ def _train_cascade(args: argparse.Namespace, model: torch.nn.Module, xtr, ytr) -
     for ep in range(args.epochs):
         model.train()
         for xb, yb in D.batches(xtr, ytr, 128, gen, train=True):
-            loss = cascade_loss(model, xb, yb)[0]
+            loss = cascade_loss(model, xb, yb)[0] if full is None else F.cross_entropy(
+                width_forward(model, xb, "core"), yb)
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -288,8 +292,8 @@ def _train_cascade(args: argparse.Namespace, model: torch.nn.Module, xtr, ytr) -
         print(json.dumps({"run": args.name, "epoch": ep + 1, "loss": loss.item(), "t": time.time() - t0}), flush=True)
     train_seconds = time.time() - t0
     bn = {w: bn_statistics(model, D.batches(xtr, ytr, 128, torch.Generator().manual_seed(0), train=True), w)
-          for w in WIDTHS}
-    return WidthCascade(model, bn), train_seconds
+          for w in (WIDTHS if full is None else ("core",))}
+    return WidthCascade(model, bn, full=full), train_seconds
 
 def _attach_fills(model: torch.nn.Module) -> None:
     """``--fill``: a skipped filter outputs a learnt constant instead of zero (one per filter,
@@ -353,7 +357,8 @@ def _latency(args: argparse.Namespace) -> None:
             blob = torch.load(out / "models" / f"{res['name']}.pt", weights_only=True)
             model = ftwt.attach_gates(get_model(MODEL, num_classes=10), ftwt.GateConfig.from_dict(blob["gates"]))
             model.load_state_dict(blob["state"])
-            engine = WidthCascade.from_state(model.eval(), blob).engine(example=xs[0])
+            full = dense if blob.get("full") == "dense" else None
+            engine = WidthCascade.from_state(model.eval(), blob, full).engine(example=xs[0])
             fns[f"{res['name']}|auto"] = (lambda e, it: lambda: e(next(it)))(engine, _cycle(xs))
             continue
         model = _load(out, res["name"])
@@ -469,6 +474,9 @@ def main() -> None:
     c.add_argument("--calib-per-class", type=int, default=500, help="unseen training images per class tau is set on")
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--rescore", action="store_true", help="score the saved model again (no training)")
+    c.add_argument("--full", choices=("shared", "dense"), default="shared",
+                   help="the full width: the model's own filters (trained with the core), or the dense model "
+                        "as it is (two sets of weights; the core trains alone, as cheaply as a static model)")
     lat = sub.add_parser("latency", help="batch-1 CPU latency of every finished run")
     lat.add_argument("--min-run-time", type=float, default=1.0)
     lat.add_argument("--images", type=int, default=64, help="validation images cycled, spread over the classes")
