@@ -314,7 +314,7 @@ class WidthCascade(nn.Module):
 
     def cascade_state(self) -> dict[str, Any]:
         """What a checkpoint needs beside the model's state: ``{"bn": ..., "tau": ...}`` (tensors and a float)."""
-        return {"bn": {w: dict(s) for w, s in self.bn.items()}, "tau": self.tau}
+        return {"bn": {w: {k: v.cpu() for k, v in s.items()} for w, s in self.bn.items()}, "tau": self.tau}
 
     @classmethod
     def load(cls, run_dir: str | Path) -> WidthCascade:
@@ -378,13 +378,3 @@ def holdout_split(dataset: Any, share: float, seed: int = 0) -> tuple[Any, Any]:
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
     return Subset(dataset, sorted(order[k:])), Subset(dataset, sorted(order[:k]))
 
-
-def build(model: nn.Module, train: Iterable[Any], held_out: Iterable[Any], reduction: float, dense_macs: float,
-          device: torch.device | str = "cpu", max_batches: int | None = None) -> WidthCascade:
-    """A trained model's cascade: each width's BatchNorm statistics from ``train``, ``tau`` on
-    ``held_out`` for an honest FLOPs ``reduction`` (raises :class:`ConfigError` if the core alone
-    costs more than that)."""
-    bn = {w: bn_statistics(model, train, w, device, max_batches) for w in WIDTHS}
-    cascade = WidthCascade(model, bn)
-    cascade.set_budget(held_out, macs=(1.0 - reduction) * dense_macs, device=device)
-    return cascade

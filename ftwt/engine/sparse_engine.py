@@ -189,9 +189,9 @@ class SparseEngine:
             conv.times = {}
         if example is not None:
             self.forward(example, masks)
-            self._check_against_fallback(example, masks)
+            self._check_whole_model(example, masks)
 
-    def _check_against_fallback(self, example: Tensor, masks: dict[str, Tensor] | None) -> None:
+    def _check_whole_model(self, example: Tensor, masks: dict[str, Tensor] | None) -> None:
         """Time the whole engine with the per-layer choices, with PyTorch's ops everywhere and with every
         gated unit dense (each filter computed, the skipped ones zeroed: dense cost plus the gates'),
         and keep the fastest, so that a sum of per-layer wins that loses as a whole is not kept."""

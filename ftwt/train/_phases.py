@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader
 
-from ftwt.cascade import WIDTHS, WidthCascade, bn_statistics, build
+from ftwt.cascade import WIDTHS, WidthCascade, bn_statistics
 from ftwt.checkpoint import save_checkpoint
 from ftwt.errors import ConfigError
 from ftwt.estimate import estimate
@@ -78,13 +78,13 @@ def finish(t: Trainer, last: dict[str, Any] | None) -> dict[str, Any]:
 def _cascade(t: Trainer, dense_macs: float) -> dict[str, Any]:
     """Build the trained model's width cascade, save it as ``cascade.pt`` and report it on the whole validation set."""
     cfg = t.config
-    loader = DataLoader(t.holdout_set, batch_size=cfg.batch_size, shuffle=False)
+    bn = {w: bn_statistics(t.model, t.loaders.train, w, t.device, cfg.calibrate_batches) for w in WIDTHS}
+    cascade = WidthCascade(t.model, bn)
     try:
-        cascade = build(t.model, t.loaders.train, loader, cfg.cascade, dense_macs, t.device, cfg.calibrate_batches)
+        cascade.set_budget(DataLoader(t.holdout_set, batch_size=cfg.batch_size, shuffle=False),
+                           macs=(1.0 - cfg.cascade) * dense_macs, device=t.device)
     except ConfigError as exc:
         log.warning("cascade: %s; no input escalates", exc)
-        cascade = WidthCascade(t.model, {w: bn_statistics(t.model, t.loaders.train, w, t.device, cfg.calibrate_batches)
-                                         for w in WIDTHS})
     if t.procs.world > 1:  # each process estimated on its own shard: keep rank 0's
         for stats in cascade.bn.values():
             for v in stats.values():
@@ -94,8 +94,7 @@ def _cascade(t: Trainer, dense_macs: float) -> dict[str, Any]:
         cascade.tau = float(tau)
     rep = cascade.report(DataLoader(t.loaders.val.dataset, batch_size=cfg.batch_size, shuffle=False), t.device)
     if t.is_main:
-        save_checkpoint({"bn": {w: {k: v.cpu() for k, v in s.items()} for w, s in cascade.bn.items()},
-                         "tau": cascade.tau, "cascade": cfg.cascade}, t.out / "cascade.pt")
+        save_checkpoint({**cascade.cascade_state(), "cascade": cfg.cascade}, t.out / "cascade.pt")
         log.info("cascade: top-1 %.2f%% at %.1f%% honest FLOPs reduction; %.1f%% of inputs ran every filter "
                  "(core alone %.2f%%); exit decision lift %+.1f pts", rep["top1"], 100 * rep["flops_reduction"],
                  100 * rep["escalated"], rep["core_top1"], 100 * rep["gate_lift"])
