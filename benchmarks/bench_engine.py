@@ -3,7 +3,9 @@
 For each model and mass threshold ``r``, replays the ground-truth masks at ``r`` (perfect
 gates) on embedded digits samples resized to the model's input, and times the dense
 model, the reference-style masked forward, :class:`ftwt.engine.SparseEngine` and a
-Torch-Pruning static model of the same mean FLOPs (see ``benchmarks/README.md``).
+Torch-Pruning static model of the same mean FLOPs (see ``benchmarks/README.md``). Dense and
+static run as fast as plain PyTorch makes them (BatchNorm folded, the faster of NCHW and
+channels-last: :func:`ftwt.bench.tuned`), named in the ``baselines`` column.
 
 The engine runs with ``--kernel auto`` (each convolution timed every way it can run on the
 first sample, the fastest kept), and an engine on PyTorch's ops only is timed beside it
@@ -54,7 +56,7 @@ QUICK_THREADS = "1"
 log = logging.getLogger("bench_engine")
 
 COLUMNS = ("model", "threads", "r", "FLOPs red.", "ideal", "dense ms", "masked ms", "engine ms", "static ms",
-           "speedup", "realized/ideal", "engine/static", "engine/dense", "auto/torch", "kernels", "exec/honest")
+           "speedup", "realized/ideal", "engine/static", "engine/dense", "auto/torch", "kernels", "exec/honest", "baselines")
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -103,7 +105,12 @@ def _row(name: str, r: float, res: dict[str, Any]) -> list[str]:
         f"{res['engine_ms'] / res['dense_ms']:.2f}",
         f"{res['engine_ms'] / res['engine_torch_ms']:.2f}" if "engine_torch_ms" in res else "-",
         res["engine_kernels"], f"{res['engine_executed_macs'] / _honest(res):.2f}",
+        _tricks(res["dense_tricks"], res["static_tricks"]),
     ]
+
+
+def _tricks(dense: str, static: str) -> str:
+    return dense if dense == static else f"dense {dense}; static {static}"
 
 
 def _honest(res: dict[str, Any]) -> float:

@@ -290,14 +290,17 @@ class WidthCascade(nn.Module):
         """The cascade for deployment (:class:`CascadeEngine`), one input at a time.
 
         ``kind="pruned"``: the core as a physically smaller model (:meth:`core_model`) and the
-        full width as the plain model (:meth:`full_model`), both PyTorch modules; saved as two
+        full width as the plain model (:meth:`full_model`), both PyTorch modules with BatchNorm
+        folded (:func:`ftwt.engine.fold.fold_model`); saved as two
         ``torch.export`` programs. ``"sparse"``: both widths on :class:`ftwt.SparseEngine` (its
         gates decide; for a core whose masks vary), kernels chosen on ``example``.
         """
         from ftwt.engine import SparseEngine
+        from ftwt.engine.fold import fold_model
 
-        if kind == "pruned":
-            return CascadeEngine(self.core_model(example[:1]), self.full_model(), self.tau)
+        if kind == "pruned":  # BatchNorm folded into the convolutions: the same outputs, fewer passes
+            ex = example[:1].cpu()
+            return CascadeEngine(fold_model(self.core_model(ex), ex)[0], fold_model(self.full_model(), ex)[0], self.tau)
         if kind != "sparse":
             raise ConfigError(f"unknown cascade engine kind {kind!r}; choose 'pruned' or 'sparse'")
         if self.full is not None:

@@ -12,11 +12,12 @@ from conftest import input_for, randomize_bn
 
 from ftwt import GateConfig, attach_gates, get_model, mask_source, measure
 from ftwt.baselines import prune_to_macs, static_for_reduction, static_pruned
-from ftwt.bench import benchmark
+from ftwt.bench import benchmark, tuned
 from ftwt.channel_scatter import STATIC_ADAPTERS, scatter_pruner, swap_adapted
 from ftwt.checkpoint import save_checkpoint
 from ftwt.cli import main
 from ftwt.cli.bench import _rows
+from ftwt.engine.fold import fold_model
 from ftwt.errors import ConfigError
 from ftwt.models import SHORTCUTS, OptionAShortcut
 
@@ -120,6 +121,40 @@ def test_benchmark_perfect_gates_resnet20():
     assert (res["threads"], res["batch_size"], res["samples"], res["device"]) == (1, 1, 4, "cpu")
     assert res["machine"]["torch"] == torch.__version__ and res["machine"]["cpu"]
     assert model.training  # left as it was
+    assert res["dense_tricks"].startswith("BN folded") and res["static_tricks"].startswith("BN folded")
+
+
+def test_tuned_baseline_folds_batchnorm_and_keeps_outputs():
+    model = randomize_bn(get_model("resnet20")).eval()
+    x = input_for("resnet20", n=2)
+    fast, tricks = tuned(model, x[:1], threads=1)
+    assert tricks in ("BN folded (19), NCHW", "BN folded (19), channels-last")
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fast.modules())
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), model(x), rtol=1e-4, atol=1e-4)
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())  # the original is untouched
+
+
+def test_fold_model_folds_untraceable_models_and_refuses_shared_conv_outputs():
+    class Branchy(torch.nn.Module):
+        def __init__(self, share: bool):
+            super().__init__()
+            self.conv, self.bn, self.share = torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), share
+
+        def forward(self, x):
+            c = self.conv(x)
+            y = self.bn(c)
+            y = y if float(y.sum()) > 0 else -y  # data-dependent control flow: fx cannot trace it
+            return y + c if self.share else y  # the conv's output read past its BatchNorm too
+
+    x = torch.randn(1, 3, 8, 8)
+    for share, expected in ((False, 1), (True, 0)):
+        model = randomize_bn(Branchy(share)).eval()
+        folded, count = fold_model(model, x)
+        assert count == expected
+        assert any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules()) == (expected == 0)
+        with torch.no_grad():
+            torch.testing.assert_close(folded(x), model(x), rtol=1e-4, atol=1e-5)
 
 
 def test_benchmark_needs_gates():

@@ -131,12 +131,12 @@ def _rows(out: dict[str, Any]) -> list[tuple[str, str]]:
                  f"({out['flops_reduction']:.1%} reduction), static {out['static_macs'] / 1e6:.2f}M"),
         ("engine_macs", f"{out['engine_executed_macs'] / 1e6:.2f}M executed (FlopCounterMode; gates' pooling "
                         "not counted; above the honest count where units run densely)"),
-        ("dense_ms", f"{out['dense_ms']:.3f}"),
+        ("dense_ms", f"{out['dense_ms']:.3f} ({out['dense_tricks']})"),
         ("masked_ms", f"{out['masked_ms']:.3f} ({out['masked_speedup']:.2f}x)"),
         ("engine_ms", f"{out['engine_ms']:.3f} (kernels: {out['engine_kernels']}"
                       f"{'' if out.get('engine_isa') is None else ', ' + out['engine_isa'] + ' build'}; logits vs masked: max |diff| "
                       f"{out['engine_max_abs_diff']:.1e}, relative {out['engine_rel_diff']:.1e})"),
-        ("static_ms", f"{out['static_ms']:.3f} ({out['static_speedup']:.2f}x)"),
+        ("static_ms", f"{out['static_ms']:.3f} ({out['static_speedup']:.2f}x; {out['static_tricks']})"),
         ("ideal_speedup", f"{out['ideal_speedup']:.2f}x (dense / dynamic MACs)"),
         ("speedup", f"{out['speedup']:.2f}x (dense / engine; {out['realized_fraction']:.0%} of ideal)"),
         ("engine_vs_static", f"{out['engine_vs_static']:.2f} (engine / static time; < 1: the engine wins)"),

@@ -5,6 +5,9 @@ time, instead of being applied to every activation at run time.
 
 from __future__ import annotations
 
+import copy
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -58,3 +61,59 @@ def fold_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d | None) -> tuple[torch.Tensor, t
         shift = shift + bias.double() * scale
     folded = weight.double() * scale.view(-1, *([1] * (weight.dim() - 1)))
     return folded.to(weight.dtype), shift.to(weight.dtype)
+
+
+def fold_model(model: nn.Module, example: torch.Tensor) -> tuple[nn.Module, int]:
+    """A copy of a plain eval-mode model with each BatchNorm folded into the convolution that feeds it.
+
+    Pairs are found by running ``example`` once: a ``BatchNorm2d`` whose input is the very
+    tensor a ``Conv2d`` (called once) returned. This needs no tracing, so it works on models
+    ``torch.fx`` cannot trace. The folded copy's output is checked against the original's on
+    ``example``; where it differs (a conv output that something else also reads), nothing is
+    folded.
+
+    Returns:
+        ``(model, folded)``: the copy and how many BatchNorms were folded (0: an unchanged copy).
+    """
+    model = copy.deepcopy(model).eval()
+    # Output tensor id -> (conv, the tensor): holding the tensors keeps their ids from being reused.
+    produced: dict[int, list[tuple[nn.Module, Any]]] = {}
+    pairs: list[tuple[nn.Conv2d, nn.BatchNorm2d]] = []
+    calls: dict[nn.Module, int] = {}
+
+    def on_conv(conv: nn.Module, _: Any, out: Any) -> None:
+        calls[conv] = calls.get(conv, 0) + 1
+        produced.setdefault(id(out), []).append((conv, out))
+
+    def on_bn(bn: nn.Module, args: Any) -> None:
+        calls[bn] = calls.get(bn, 0) + 1
+        convs = [c for c, out in produced.get(id(args[0]), []) if out is args[0]]
+        if len(convs) == 1:
+            pairs.append((convs[0], bn))
+
+    hooks = [m.register_forward_hook(on_conv) for m in model.modules() if type(m) is nn.Conv2d]
+    hooks += [m.register_forward_pre_hook(on_bn) for m in model.modules() if type(m) is nn.BatchNorm2d]
+    with torch.no_grad():
+        reference = model(example)
+    for h in hooks:
+        h.remove()
+    produced.clear()
+    pairs = [(c, b) for c, b in pairs if calls[c] == 1 and calls[b] == 1 and b.track_running_stats]
+    if not pairs:
+        return model, 0
+    original = copy.deepcopy(model)
+    folded_bns = {id(b) for _, b in pairs}
+    for conv, bn in pairs:
+        weight, bias = fold_bn(conv, bn)
+        conv.weight = nn.Parameter(weight, requires_grad=False)
+        conv.bias = nn.Parameter(bias, requires_grad=False)
+    for parent in list(model.modules()):
+        for name, child in parent.named_children():
+            if id(child) in folded_bns:
+                setattr(parent, name, nn.Identity())
+    with torch.no_grad():
+        out = model(example)
+    scale = max(float(reference.abs().max()), 1e-12) if isinstance(reference, torch.Tensor) else 1.0
+    if not isinstance(out, torch.Tensor) or float((out - reference).abs().max()) > 1e-4 * scale:
+        return original, 0
+    return model, len(pairs)
