@@ -75,21 +75,20 @@ def fold_model(model: nn.Module, example: torch.Tensor) -> tuple[nn.Module, int]
     Returns:
         ``(model, folded)``: the copy and how many BatchNorms were folded (0: an unchanged copy).
     """
-    model = copy.deepcopy(model).eval()
+    source, model = model, copy.deepcopy(model).eval()
     # Output tensor id -> (conv, the tensor): holding the tensors keeps their ids from being reused.
-    produced: dict[int, list[tuple[nn.Module, Any]]] = {}
+    produced: dict[int, tuple[nn.Module, Any]] = {}
     pairs: list[tuple[nn.Conv2d, nn.BatchNorm2d]] = []
     calls: dict[nn.Module, int] = {}
 
     def on_conv(conv: nn.Module, _: Any, out: Any) -> None:
         calls[conv] = calls.get(conv, 0) + 1
-        produced.setdefault(id(out), []).append((conv, out))
+        produced[id(out)] = (conv, out)
 
     def on_bn(bn: nn.Module, args: Any) -> None:
         calls[bn] = calls.get(bn, 0) + 1
-        convs = [c for c, out in produced.get(id(args[0]), []) if out is args[0]]
-        if len(convs) == 1:
-            pairs.append((convs[0], bn))
+        if id(args[0]) in produced:
+            pairs.append((produced[id(args[0])][0], bn))
 
     hooks = [m.register_forward_hook(on_conv) for m in model.modules() if type(m) is nn.Conv2d]
     hooks += [m.register_forward_pre_hook(on_bn) for m in model.modules() if type(m) is nn.BatchNorm2d]
@@ -101,7 +100,6 @@ def fold_model(model: nn.Module, example: torch.Tensor) -> tuple[nn.Module, int]
     pairs = [(c, b) for c, b in pairs if calls[c] == 1 and calls[b] == 1 and b.track_running_stats]
     if not pairs:
         return model, 0
-    original = copy.deepcopy(model)
     folded_bns = {id(b) for _, b in pairs}
     for conv, bn in pairs:
         weight, bias = fold_bn(conv, bn)
@@ -115,5 +113,5 @@ def fold_model(model: nn.Module, example: torch.Tensor) -> tuple[nn.Module, int]
         out = model(example)
     scale = max(float(reference.abs().max()), 1e-12) if isinstance(reference, torch.Tensor) else 1.0
     if not isinstance(out, torch.Tensor) or float((out - reference).abs().max()) > 1e-4 * scale:
-        return original, 0
+        return copy.deepcopy(source).eval(), 0
     return model, len(pairs)
