@@ -52,6 +52,29 @@ def test_gather_mm_equals_gather_then_matmul(taps, positions):
     assert counter.get_total_flops() == 2 * 11 * 6 * taps * positions
 
 
+@pytest.mark.parametrize("taps", [1, 9])
+@pytest.mark.parametrize("positions", [1, 2, 3, 4, 5])
+def test_gather_dot_equals_gather_then_matmul(taps, positions):
+    _native_or_skip()
+    g = torch.Generator().manual_seed(positions * taps + 7)
+    w, bias = torch.randn(21, 40 * taps, generator=g), torch.randn(21, generator=g)
+    # Runs of consecutive inputs (one contiguous stretch of weights), single ones, the last input, any order.
+    ins = torch.tensor([0, 1, 2, 3, 4, 5, 9, 11, 12, 30, 39, 20, 21])
+    for n_out in (1, 3, 4, 5, 11, 21):  # full and short blocks of filters
+        outs = torch.randperm(21, generator=g)[:n_out].sort().values
+        cols_t = torch.randn(positions, len(ins) * taps, generator=g)
+        for b in (None, bias):
+            got = _native.gather_dot(w, cols_t, outs, ins, taps, b)
+            ref = _reference(w, cols_t.t(), outs, ins, taps, b)
+            assert torch.allclose(got, ref, rtol=1e-5, atol=1e-5), n_out
+    counter = FlopCounterMode(display=False)
+    with counter:
+        _native.gather_dot(w, cols_t, outs, ins, taps, None)
+    assert counter.get_total_flops() == 2 * 21 * len(ins) * taps * positions
+    with pytest.raises(RuntimeError, match="input index out of range"):
+        _native.gather_dot(w, torch.randn(positions, taps), outs, torch.tensor([40]), taps, None)
+
+
 @pytest.mark.parametrize("kernel,stride,padding,dilation", [
     ((3, 3), (1, 1), (1, 1), (1, 1)),
     ((3, 3), (2, 1), (1, 2), (1, 2)),
@@ -64,10 +87,16 @@ def test_conv_gather_equals_conv2d_of_the_cut_weight(kernel, stride, padding, di
     w = torch.randn(10, 8, *kernel, generator=g)
     bias = torch.randn(10, generator=g)
     outs, ins = torch.tensor([0, 3, 4, 5, 6, 7, 8, 9, 1]), torch.tensor([1, 2, 5, 7, 0])
+    # Maps of many positions (gather_mm) and of a few (gather_dot: VGG's 2x2 at batch 1).
+    for shape in ((2, 5, 11, 9), (1, 5, 2, 2), (1, 5, 3, 1), (1, 5, 9, 3)):
+        if any(s + 2 * p < d * (k - 1) + 1 for s, p, d, k in zip(shape[2:], padding, dilation, kernel, strict=True)):
+            continue  # the kernel does not fit this map
+        x = torch.randn(*shape, generator=g)
+        ref = F.conv2d(x, w[outs][:, ins], bias[outs], stride, padding, dilation)
+        got = _native.conv_gather(x, w.view(10, -1), outs, ins, kernel, stride, padding, dilation, bias)
+        assert torch.allclose(got, ref.transpose(0, 1).reshape(len(outs), -1), rtol=1e-5, atol=1e-5), shape
     x = torch.randn(2, 5, 11, 9, generator=g)
     ref = F.conv2d(x, w[outs][:, ins], bias[outs], stride, padding, dilation)
-    got = _native.conv_gather(x, w.view(10, -1), outs, ins, kernel, stride, padding, dilation, bias)
-    assert torch.allclose(got, ref.transpose(0, 1).reshape(len(outs), -1), rtol=1e-5, atol=1e-5)
     counter = FlopCounterMode(display=False)
     with counter:
         _native.conv_gather(x[:1], w.view(10, -1), outs, ins, kernel, stride, padding, dilation, None)
@@ -175,6 +204,9 @@ for n_out in (1, 2, 3, 5, 6, 7, 13, 21):  # full, half and repeated-row blocks o
         ref = w.view(21, 5, taps)[outs][:, ins].reshape(n_out, -1) @ cols + bias[outs, None]
         got = _native.gather_mm(w, cols, outs, ins, taps, bias)
         assert torch.allclose(got, ref, rtol=1e-5, atol=1e-5), (n_out, positions)
+        if positions <= 5:
+            got = _native.gather_dot(w, cols.t().contiguous(), outs, ins, taps, bias)
+            assert torch.allclose(got, ref, rtol=1e-5, atol=1e-5), ("dot", n_out, positions)
 model = attach_gates(get_model("vgg11_bn", num_classes=10), GateConfig(threshold=0.85)).eval()
 x = torch.randn(1, 3, 32, 32)
 native, plain = SparseEngine(model, kernel="native"), SparseEngine(model, kernel="torch")

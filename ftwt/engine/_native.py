@@ -6,12 +6,16 @@
   as much as the product itself; the fused kernel streams the needed chunks of each weight
   row once, a block of filters x positions at a time held in vector registers, blocked for the
   build's vector ISA (:func:`isa`: AVX-512, AVX2, SSE or NEON; ``$FTWT_ENGINE_ISA`` picks another).
-* :func:`conv_gather`: im2col with zero padding, then :func:`gather_mm`, in one call.
+* :func:`gather_dot`: the same product for maps of a few positions (VGG's 2x2 at batch 1),
+  with the vectors along the weight rows instead of the positions; each weight read serves
+  every position.
+* :func:`conv_gather`: im2col with zero padding, then :func:`gather_mm` (or
+  :func:`gather_dot`, up to 16 output positions), in one call.
 * :func:`gate_live` runs a ``pool = 1`` gate and finds its unit's live input channels in one
   call instead of ten small ops.
 * :func:`union_add`: a residual add of two compact values on the union of their channels.
 
-All four are operators of the ``ftwt`` namespace (``csrc/kernels.cpp``) with flop formulas,
+All five are operators of the ``ftwt`` namespace (``csrc/kernels.cpp``) with flop formulas,
 so :class:`torch.utils.flop_counter.FlopCounterMode` counts their multiply-adds. They are
 compiled by :func:`torch.utils.cpp_extension.load` (a C++ compiler and ``ninja``,
 once; the build is cached per machine under PyTorch's extensions folder,
@@ -35,7 +39,9 @@ from ftwt.errors import DeviceError
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("csrc") / "kernels.cpp"
+CSRC = Path(__file__).with_name("csrc")
+SOURCES = (CSRC / "kernels.cpp", CSRC / "gather_dot.cpp")
+HEADERS = (CSRC / "simd.h", CSRC / "gather_dot.h")
 KERNELS = ("auto", "native", "torch")
 _BUILD_VERSION = 3  # bump when the build flags change
 
@@ -90,7 +96,7 @@ def isa() -> str:
 
 
 def _build_name(variant: str) -> str:
-    key = f"{variant}|{torch.__version__}|{_BUILD_VERSION}|".encode() + SOURCE.read_bytes()
+    key = f"{variant}|{torch.__version__}|{_BUILD_VERSION}|".encode() + b"".join(f.read_bytes() for f in SOURCES + HEADERS)
     digest = hashlib.sha1(key).hexdigest()[:12]
     return f"ftwt_kernels_{variant.replace('-', '_')}_{digest}"
 
@@ -122,7 +128,7 @@ def _load() -> str | None:
         # OpenMP: at::parallel_for splits the filters over PyTorch's intra-op threads only
         # when the including code is built with it (PyTorch's own CPU builds use GNU OpenMP).
         flags = ["-O3", "-fopenmp", *ISA_FLAGS[variant]]
-        load(name=_build_name(variant), sources=[str(SOURCE)], extra_cflags=flags, extra_ldflags=["-fopenmp"],
+        load(name=_build_name(variant), sources=[str(f) for f in SOURCES], extra_cflags=flags, extra_ldflags=["-fopenmp"],
              is_python_module=False, verbose=False)
         _loaded.append(variant)
     except DeviceError as exc:
@@ -140,6 +146,10 @@ def _register_flop_formula() -> None:
     @register_flop_formula(torch.ops.ftwt.gather_mm)
     def _gather_mm_flops(w_shape, cols_shape, out_idx_shape, *args, out_shape=None, **kwargs) -> int:
         return 2 * out_idx_shape[0] * cols_shape[0] * cols_shape[1]
+
+    @register_flop_formula(torch.ops.ftwt.gather_dot)
+    def _gather_dot_flops(w_shape, cols_t_shape, out_idx_shape, *args, out_shape=None, **kwargs) -> int:
+        return 2 * out_idx_shape[0] * cols_t_shape[0] * cols_t_shape[1]
 
     @register_flop_formula(torch.ops.ftwt.conv_gather)
     def _conv_gather_flops(x_shape, w_shape, out_idx_shape, in_idx_shape, kernel, *args, out_shape=None, **kwargs) -> int:
@@ -180,6 +190,11 @@ def gather_mm(weight: Tensor, cols: Tensor, out_idx: Tensor, in_idx: Tensor, tap
     """``(|O|, P)``: rows ``out_idx`` of ``weight`` (``(C_out, C_in * taps)``), restricted to the
     ``taps``-wide column chunks of ``in_idx``, times ``cols`` (``(|I| * taps, P)``), plus ``bias[out_idx]``."""
     return torch.ops.ftwt.gather_mm(weight, cols, out_idx, in_idx, taps, bias)
+
+
+def gather_dot(weight: Tensor, cols_t: Tensor, out_idx: Tensor, in_idx: Tensor, taps: int, bias: Tensor | None) -> Tensor:
+    """:func:`gather_mm` with the positions as rows: ``cols_t`` is ``(P, |I| * taps)``; returns ``(|O|, P)``."""
+    return torch.ops.ftwt.gather_dot(weight, cols_t, out_idx, in_idx, taps, bias)
 
 
 def conv_gather(

@@ -23,47 +23,23 @@
 #include <utility>
 #include <vector>
 
+#include "gather_dot.h"
+#include "simd.h"
+
 namespace {
 
-typedef float v16 __attribute__((vector_size(64)));
-typedef float v8 __attribute__((vector_size(32)));
-typedef float v4 __attribute__((vector_size(16)));
-typedef float v2 __attribute__((vector_size(8)));
+using namespace ftwt_simd;
 
-// Register blocking per vector ISA (the build variant's -march decides which): kJB filter rows
-// times kNV vectors of positions are accumulated in registers, plus kNV vectors of cols and one
-// broadcast weight, which must fit the register file or the tile spills to the stack.
-#if defined(__AVX512F__)
-typedef v16 VF;  // 32 zmm registers: 8 x 2 accumulators + 2 + 1
-typedef v8 VH;
-constexpr int kJB = 8, kNV = 2;
-#elif defined(__AVX__)
-typedef v8 VF;  // 16 ymm registers: 6 x 2 accumulators + 2 + 1
-typedef v4 VH;
-constexpr int kJB = 6, kNV = 2;
-#elif defined(__aarch64__)
-typedef v4 VF;  // NEON, 32 q registers: 8 x 2 accumulators + 2 + 1
-typedef v2 VH;
-constexpr int kJB = 8, kNV = 2;
+// Register blocking per vector ISA (simd.h): kJB filter rows times kNV vectors of positions are
+// accumulated in registers, plus kNV vectors of cols and one broadcast weight, which must fit
+// the register file or the tile spills to the stack.
+#if defined(__AVX512F__) || defined(__aarch64__)
+constexpr int kJB = 8, kNV = 2;  // 32 registers: 8 x 2 accumulators + 2 + 1
 #else
-typedef v4 VF;  // SSE, 16 xmm registers
-typedef v2 VH;
-constexpr int kJB = 6, kNV = 2;
+constexpr int kJB = 6, kNV = 2;  // 16 registers: 6 x 2 accumulators + 2 + 1
 #endif
-constexpr int kVec = sizeof(VF) / sizeof(float);
+static_assert(kJB * kNV + kNV + 1 <= kRegs, "the register tile must fit the register file");
 constexpr int kWide = kNV * kVec;  // positions of the widest tile
-
-template <typename V>
-inline V load(const float* p) {
-  V v;
-  std::memcpy(&v, p, sizeof(V));
-  return v;
-}
-
-template <typename V>
-inline void store(float* p, V v) {
-  std::memcpy(p, &v, sizeof(V));
-}
 
 // JB output rows times NV vectors of positions, accumulated in registers over every (input, tap).
 template <int JB, typename V, int NV>
@@ -90,44 +66,59 @@ inline void tile(const float* const* rows, const int64_t* __restrict in_off, int
     for (int v = 0; v < NV; ++v) store<V>(y + j * ldy + W * v, acc[j][v]);
 }
 
-// One scalar position (the remainder after the vector tiles).
-template <int JB>
-inline void tile1(const float* const* rows, const int64_t* __restrict in_off, int64_t n_in, int64_t taps,
-                  const float* __restrict cols, int64_t positions, int64_t p, const float* bias, float* __restrict y,
-                  int64_t ldy) {
-  float acc[JB];
-  for (int j = 0; j < JB; ++j) acc[j] = bias[j];
+// The last n < kVec positions: one vector V of cols per (input, tap) by masked loads (nothing
+// read past the row's end), only the n positions stored. Scalar positions would each stream
+// the whole weight block once more.
+template <int JB, typename V>
+inline void tile_rest(const float* const* rows, const int64_t* __restrict in_off, int64_t n_in, int64_t taps,
+                      const float* __restrict cols, int64_t positions, int64_t p0, int n, const float* bias,
+                      float* __restrict y, int64_t ldy) {
+  V acc[JB];
+  for (int j = 0; j < JB; ++j) acc[j] = V{} + bias[j];
   for (int64_t a = 0; a < n_in; ++a) {
     const int64_t off = in_off[a];
-    const float* c = cols + a * taps * positions + p;
-    for (int64_t t = 0; t < taps; ++t, c += positions)
-      for (int j = 0; j < JB; ++j) acc[j] += rows[j][off + t] * *c;
+    const float* c = cols + a * taps * positions + p0;
+    for (int64_t t = 0; t < taps; ++t, c += positions) {
+      const V cv = load_first<V>(c, n);
+      for (int j = 0; j < JB; ++j) acc[j] += rows[j][off + t] * cv;
+    }
   }
-  for (int j = 0; j < JB; ++j) y[j * ldy] = acc[j];
+  for (int j = 0; j < JB; ++j) std::memcpy(y + j * ldy, &acc[j], n * sizeof(float));
 }
 
-// Position tiles: kWide, one vector, half a vector wide, then single positions.
-enum Width { WFULL, WONE, WHALF, W1 };
-constexpr int64_t kWidth[] = {kWide, kVec, kVec / 2, 1};
+// Position tiles: kWide, one vector, then the rest (fewer than one vector) in one pass: half a
+// vector exactly, else masked in a half or whole vector (half-width ops are faster on CPUs
+// with fewer full-width FMA units).
+enum Width { WFULL, WONE, WHALF, WREST_HALF, WREST };
 
-std::vector<std::pair<int64_t, Width>> position_tiles(int64_t positions) {
-  std::vector<std::pair<int64_t, Width>> tiles;
+struct PositionTile {
+  int64_t p;
+  Width width;
+  int n;  // positions in the tile
+};
+
+std::vector<PositionTile> position_tiles(int64_t positions) {
+  std::vector<PositionTile> tiles;
   int64_t p = 0;
-  for (; p + kWide <= positions; p += kWide) tiles.emplace_back(p, WFULL);
-  for (; p + kVec <= positions; p += kVec) tiles.emplace_back(p, WONE);
-  for (; p + kVec / 2 <= positions; p += kVec / 2) tiles.emplace_back(p, WHALF);
-  for (; p < positions; ++p) tiles.emplace_back(p, W1);
+  for (; p + kWide <= positions; p += kWide) tiles.push_back({p, WFULL, kWide});
+  for (; p + kVec <= positions; p += kVec) tiles.push_back({p, WONE, kVec});
+  const int rest = static_cast<int>(positions - p);
+  if (rest == kVec / 2)
+    tiles.push_back({p, WHALF, rest});
+  else if (rest)
+    tiles.push_back({p, rest < kVec / 2 ? WREST_HALF : WREST, rest});
   return tiles;
 }
 
 template <int JB>
-void run_tile(Width width, const float* const* rows, const int64_t* in_off, int64_t n_in, int64_t taps,
-              const float* cols, int64_t positions, int64_t p, const float* bias, float* y, int64_t ldy) {
-  switch (width) {
-    case WFULL: tile<JB, VF, kNV>(rows, in_off, n_in, taps, cols, positions, p, bias, y, ldy); break;
-    case WONE: tile<JB, VF, 1>(rows, in_off, n_in, taps, cols, positions, p, bias, y, ldy); break;
-    case WHALF: tile<JB, VH, 1>(rows, in_off, n_in, taps, cols, positions, p, bias, y, ldy); break;
-    case W1: tile1<JB>(rows, in_off, n_in, taps, cols, positions, p, bias, y, ldy); break;
+void run_tile(const PositionTile& pt, const float* const* rows, const int64_t* in_off, int64_t n_in, int64_t taps,
+              const float* cols, int64_t positions, const float* bias, float* y, int64_t ldy) {
+  switch (pt.width) {
+    case WFULL: tile<JB, VF, kNV>(rows, in_off, n_in, taps, cols, positions, pt.p, bias, y, ldy); break;
+    case WONE: tile<JB, VF, 1>(rows, in_off, n_in, taps, cols, positions, pt.p, bias, y, ldy); break;
+    case WHALF: tile<JB, VH, 1>(rows, in_off, n_in, taps, cols, positions, pt.p, bias, y, ldy); break;
+    case WREST_HALF: tile_rest<JB, VH>(rows, in_off, n_in, taps, cols, positions, pt.p, pt.n, bias, y, ldy); break;
+    case WREST: tile_rest<JB, VF>(rows, in_off, n_in, taps, cols, positions, pt.p, pt.n, bias, y, ldy); break;
   }
 }
 
@@ -175,26 +166,25 @@ at::Tensor gather_mm(const at::Tensor& weight, const at::Tensor& cols, const at:
     const float* rows[JB];
     float bj[JB];
     for (int64_t item = begin; item < end; ++item) {
-      const auto [p, width] = tiles[item / row_blocks];
+      const PositionTile& pt = tiles[item / row_blocks];
       const int64_t j0 = (item % row_blocks) * JB, nj = std::min<int64_t>(JB, n_out - j0);
       for (int j = 0; j < JB; ++j) {
         const int64_t jj = j0 + std::min<int64_t>(j, nj - 1);
         rows[j] = w + o[jj] * row;
         bj[j] = bp ? bp[o[jj]] : 0.f;
       }
-      float* yj = yp + j0 * positions + p;
+      float* yj = yp + j0 * positions + pt.p;
       if (nj == JB) {
-        run_tile<JB>(width, rows, in, n_in, taps, c, positions, p, bj, yj, positions);
+        run_tile<JB>(pt, rows, in, n_in, taps, c, positions, bj, yj, positions);
       } else {
         // A short last block of filters: a half or full tile with its last row repeated,
         // written to scratch, then its real rows copied (single rows would be load-bound).
         float scratch[JB * kWide];
-        const int64_t wide = kWidth[width];
         if (nj <= JB / 2)
-          run_tile<JB / 2>(width, rows, in, n_in, taps, c, positions, p, bj, scratch, kWide);
+          run_tile<JB / 2>(pt, rows, in, n_in, taps, c, positions, bj, scratch, kWide);
         else
-          run_tile<JB>(width, rows, in, n_in, taps, c, positions, p, bj, scratch, kWide);
-        for (int64_t j = 0; j < nj; ++j) std::memcpy(yj + j * positions, scratch + j * kWide, wide * sizeof(float));
+          run_tile<JB>(pt, rows, in, n_in, taps, c, positions, bj, scratch, kWide);
+        for (int64_t j = 0; j < nj; ++j) std::memcpy(yj + j * positions, scratch + j * kWide, pt.n * sizeof(float));
       }
     }
   });
@@ -218,6 +208,8 @@ at::Tensor conv_gather(const at::Tensor& x_in, const at::Tensor& weight, const a
   const int64_t oh = (h + 2 * ph - dh * (kh - 1) - 1) / sh + 1, ow = (wd + 2 * pw - dw * (kw - 1) - 1) / sw + 1;
   TORCH_CHECK(oh > 0 && ow > 0, "conv_gather: the kernel does not fit the input");
   const int64_t positions = n * oh * ow, plane = oh * ow;
+  if (positions <= ftwt_dot::kMaxPositions)  // a few positions: vectors along the weight rows
+    return ftwt_dot::conv_dot(x, weight, out_idx, in_idx, kh, kw, sh, sw, ph, pw, dh, dw, bias);
   at::Tensor cols = at::empty({c * kh * kw, positions}, x.options());
   const float* xp = x.data_ptr<float>();
   float* cp = cols.data_ptr<float>();
