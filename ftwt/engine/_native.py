@@ -10,7 +10,7 @@
   with the vectors along the weight rows instead of the positions; each weight read serves
   every position.
 * :func:`conv_gather`: im2col with zero padding, then :func:`gather_mm` (or
-  :func:`gather_dot`, up to 16 output positions), in one call.
+  :func:`gather_dot`, up to 4 output positions), in one call.
 * :func:`gate_live` runs a ``pool = 1`` gate and finds its unit's live input channels in one
   call instead of ten small ops.
 * :func:`union_add`: a residual add of two compact values on the union of their channels.
@@ -41,7 +41,7 @@ log = logging.getLogger(__name__)
 
 CSRC = Path(__file__).with_name("csrc")
 SOURCES = (CSRC / "kernels.cpp", CSRC / "gather_dot.cpp")
-HEADERS = (CSRC / "simd.h", CSRC / "gather_dot.h")
+HEADERS = (CSRC / "simd.h", CSRC / "checks.h", CSRC / "gather_dot.h")
 KERNELS = ("auto", "native", "torch")
 _BUILD_VERSION = 3  # bump when the build flags change
 

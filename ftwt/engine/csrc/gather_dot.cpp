@@ -2,8 +2,8 @@
 //
 //   y[j, p] = bias[O[j]] + sum_a sum_t weight[O[j], I[a] * taps + t] * cols_t[p, a * taps + t]
 //
-// is gather_mm with the positions as rows of cols_t. With a handful of positions (VGG's 4x4
-// and 2x2 maps at batch 1) gather_mm's tiles, vectors of positions, would be mostly empty and
+// is gather_mm with the positions as rows of cols_t. With a handful of positions (VGG's 2x2
+// maps at batch 1) gather_mm's tiles, vectors of positions, would be mostly empty and
 // each weight is used only a few times: the product is bound by reading the weight block.
 // Here vectors run along each weight row instead. Consecutive live input channels are one
 // contiguous run of weights (and of cols_t), so a row is read in runs of whole vectors, a
@@ -17,6 +17,7 @@
 #include <algorithm>
 #include <vector>
 
+#include "checks.h"
 #include "simd.h"
 
 namespace ftwt_dot {
@@ -90,11 +91,7 @@ void run_tile(int pb, const float* const* w, const float* const* c, const std::v
 
 at::Tensor gather_dot(const at::Tensor& weight, const at::Tensor& cols_t, const at::Tensor& out_idx,
                       const at::Tensor& in_idx, int64_t taps, const std::optional<at::Tensor>& bias) {
-  TORCH_CHECK(weight.dim() == 2 && cols_t.dim() == 2 && out_idx.dim() == 1 && in_idx.dim() == 1,
-              "gather_dot: expected a 2-D weight and cols_t and 1-D indices");
-  TORCH_CHECK(weight.scalar_type() == at::kFloat && cols_t.scalar_type() == at::kFloat, "gather_dot: float32 only");
-  TORCH_CHECK(out_idx.scalar_type() == at::kLong && in_idx.scalar_type() == at::kLong, "gather_dot: int64 indices");
-  TORCH_CHECK(weight.is_contiguous() && cols_t.is_contiguous(), "gather_dot: contiguous weight and cols_t");
+  ftwt_checks::operands("gather_dot", weight, cols_t, out_idx, in_idx);
   TORCH_CHECK(taps >= 1 && cols_t.size(1) == in_idx.size(0) * taps, "gather_dot: cols_t must have |I| * taps columns");
   const int64_t n_out = out_idx.size(0), n_in = in_idx.size(0), positions = cols_t.size(0), row = weight.size(1);
   at::Tensor y = at::empty({n_out, positions}, cols_t.options());
@@ -110,14 +107,8 @@ at::Tensor gather_dot(const at::Tensor& weight, const at::Tensor& cols_t, const 
     else
       runs.push_back({in[a] * taps, a * taps, taps});
   }
-  for (int64_t j = 0; j < n_out; ++j)
-    TORCH_CHECK(o[j] >= 0 && o[j] < weight.size(0), "gather_dot: output index out of range");
-  at::Tensor b;
-  if (bias.has_value() && bias->defined()) {
-    TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->dim() == 1 && bias->size(0) == weight.size(0),
-                "gather_dot: bias must be float32 (C_out,)");
-    b = bias->contiguous();
-  }
+  ftwt_checks::filters("gather_dot", o, n_out, weight.size(0));
+  const at::Tensor b = ftwt_checks::bias("gather_dot", bias, weight.size(0));
   const float* wp = weight.data_ptr<float>();
   const float* cp = cols_t.data_ptr<float>();
   const float* bp = b.defined() ? b.data_ptr<float>() : nullptr;

@@ -23,6 +23,7 @@
 #include <utility>
 #include <vector>
 
+#include "checks.h"
 #include "gather_dot.h"
 #include "simd.h"
 
@@ -124,11 +125,7 @@ void run_tile(const PositionTile& pt, const float* const* rows, const int64_t* i
 
 at::Tensor gather_mm(const at::Tensor& weight, const at::Tensor& cols, const at::Tensor& out_idx,
                      const at::Tensor& in_idx, int64_t taps, const std::optional<at::Tensor>& bias) {
-  TORCH_CHECK(weight.dim() == 2 && cols.dim() == 2 && out_idx.dim() == 1 && in_idx.dim() == 1,
-              "gather_mm: expected a 2-D weight and cols and 1-D indices");
-  TORCH_CHECK(weight.scalar_type() == at::kFloat && cols.scalar_type() == at::kFloat, "gather_mm: float32 only");
-  TORCH_CHECK(out_idx.scalar_type() == at::kLong && in_idx.scalar_type() == at::kLong, "gather_mm: int64 indices");
-  TORCH_CHECK(weight.is_contiguous() && cols.is_contiguous(), "gather_mm: contiguous weight and cols");
+  ftwt_checks::operands("gather_mm", weight, cols, out_idx, in_idx);
   TORCH_CHECK(taps >= 1 && cols.size(0) == in_idx.size(0) * taps, "gather_mm: cols must have |I| * taps rows");
   const int64_t n_out = out_idx.size(0), n_in = in_idx.size(0), positions = cols.size(1), row = weight.size(1);
   at::Tensor y = at::empty({n_out, positions}, cols.options());
@@ -144,14 +141,8 @@ at::Tensor gather_mm(const at::Tensor& weight, const at::Tensor& cols, const at:
   const int64_t* in = in_off.data();
   for (int64_t a = 0; a < n_in; ++a)
     TORCH_CHECK(in[a] >= 0 && in[a] + taps <= row, "gather_mm: input index out of range");
-  for (int64_t j = 0; j < n_out; ++j)
-    TORCH_CHECK(o[j] >= 0 && o[j] < weight.size(0), "gather_mm: output index out of range");
-  at::Tensor b;
-  if (bias.has_value() && bias->defined()) {
-    TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->dim() == 1 && bias->size(0) == weight.size(0),
-                "gather_mm: bias must be float32 (C_out,)");
-    b = bias->contiguous();
-  }
+  ftwt_checks::filters("gather_mm", o, n_out, weight.size(0));
+  const at::Tensor b = ftwt_checks::bias("gather_mm", bias, weight.size(0));
   const float* w = weight.data_ptr<float>();
   const float* c = cols.data_ptr<float>();
   const float* bp = b.defined() ? b.data_ptr<float>() : nullptr;
