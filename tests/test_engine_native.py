@@ -103,6 +103,48 @@ def test_conv_gather_equals_conv2d_of_the_cut_weight(kernel, stride, padding, di
     assert counter.get_total_flops() == 2 * len(outs) * len(ins) * kernel[0] * kernel[1] * ref[0, 0].numel()
 
 
+# Maps and filter counts that reach every tiling of the direct convolution on any vector width:
+# rows split in segments with a partial last one, two short rows per vector (an odd last row
+# alone), rows too short for either (im2col), full, half and repeated filter blocks, and bands of
+# rows or groups of filters per thread; plus 512-input layers, where the weights are the larger
+# operand and their blocks go outer.
+_DIRECT_CASES = [
+    # (n, c, h, w, filters, kernel, stride, padding, dilation)
+    (1, 6, 12, 40, 9, 3, 1, 1, 1),
+    (1, 5, 9, 7, 3, 3, 1, 1, 1),
+    (2, 4, 7, 5, 17, 3, 2, 1, 1),
+    (1, 3, 23, 21, 25, 7, 2, 3, 1),
+    (3, 7, 10, 13, 5, 3, 1, 2, 2),
+    (1, 8, 16, 16, 8, 1, 1, 0, 1),
+    (1, 4, 11, 11, 6, 3, 3, 1, 1),
+    (1, 9, 6, 3, 4, 3, 1, 1, 1),
+    (1, 10, 4, 8, 20, 3, 1, 1, 1),
+    (1, 512, 5, 14, 12, 3, 1, 1, 1),
+]
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("case", _DIRECT_CASES)
+def test_conv_gather_direct_tilings_equal_conv2d(case, threads):
+    _native_or_skip()
+    n, c, h, w, filters, k, s, p, d = case
+    g = torch.Generator().manual_seed(h * w + filters)
+    weight = torch.randn(filters + 3, c + 2, k, k, generator=g)
+    bias = torch.randn(filters + 3, generator=g)
+    outs = torch.randperm(filters + 3, generator=g)[:filters].sort().values
+    ins = torch.randperm(c + 2, generator=g)[:c].sort().values
+    x = torch.randn(n, c, h, w, generator=g)
+    ref = F.conv2d(x, weight[outs][:, ins], bias[outs], s, p, d)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        got = _native.conv_gather(x, weight.view(filters + 3, -1), outs, ins, (k, k), (s, s), (p, p), (d, d), bias)
+    finally:
+        torch.set_num_threads(previous)
+    want = ref.transpose(0, 1).reshape(filters, -1)
+    assert torch.allclose(got, want, rtol=1e-4, atol=1e-4 * want.abs().max().item()), case
+
+
 def test_gather_mm_refuses_bad_indices_and_shapes():
     _native_or_skip()
     w, cols = torch.randn(4, 6), torch.randn(3, 2)
@@ -207,6 +249,16 @@ for n_out in (1, 2, 3, 5, 6, 7, 13, 21):  # full, half and repeated-row blocks o
         if positions <= 5:
             got = _native.gather_dot(w, cols.t().contiguous(), outs, ins, taps, bias)
             assert torch.allclose(got, ref, rtol=1e-5, atol=1e-5), ("dot", n_out, positions)
+import torch.nn.functional as F
+for n, c, h, w, n_out, k, s in ((1, 6, 12, 40, 9, 3, 1), (2, 5, 9, 4, 7, 3, 1), (1, 3, 15, 15, 13, 5, 2), (1, 300, 5, 5, 9, 3, 1)):
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        wt, bias = torch.randn(n_out, c, k, k, generator=g), torch.randn(n_out, generator=g)
+        x = torch.randn(n, c, h, w, generator=g)
+        ref = F.conv2d(x, wt, bias, s, k // 2).transpose(0, 1).reshape(n_out, -1)
+        got = _native.conv_gather(x, wt.view(n_out, -1), torch.arange(n_out), torch.arange(c), (k, k), (s, s), (k // 2, k // 2), (1, 1), bias)
+        assert torch.allclose(got, ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item()), ("conv", n, c, h, w, threads)
+torch.set_num_threads(1)
 model = attach_gates(get_model("vgg11_bn", num_classes=10), GateConfig(threshold=0.85)).eval()
 x = torch.randn(1, 3, 32, 32)
 native, plain = SparseEngine(model, kernel="native"), SparseEngine(model, kernel="torch")

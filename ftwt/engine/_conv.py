@@ -28,10 +28,10 @@ from ftwt.unit import GatedUnit
 GEMM_MAX_POSITIONS = 4096
 # Up to this many positions they are the GEMM's rows rather than its columns.
 GEMM_ROWS_MAX_POSITIONS = 49
-# Up to this many output positions a gathered block goes through the fused native kernel
-# (when built): on small maps it saves the copy of the weight block; above 32x32 at batch 1
-# its im2col costs what it saves (benchmarks/bench_engine.py).
-NATIVE_MAX_POSITIONS = 1024
+# Up to this many output positions a gathered block goes through the fused native kernels
+# (when built): they read the kept weights in place and convolve the padded input directly,
+# without im2col, up to ResNet-18's 112x112 stem at batch 1 (benchmarks/bench_engine.py).
+NATIVE_MAX_POSITIONS = 16384
 # Up to this many weight values, a (filters, inputs) block is gathered one dimension at a time.
 _SMALL_WEIGHT = 65536
 _SEEN_SHAPES = 16  # shapes remembered per layer: oneDNN's kernel cache holds 1024 in all
@@ -208,10 +208,10 @@ class SparseConv:
         n = x.shape[0]
         if inp is not None and inp.numel() == 0:
             return self._bias_only(out, n, hw, x)
-        if inp is None and out is None and self.groups == 1:
-            return self._compute(x, self.weight, self.bias, hw)
         if self.native and n * hw[0] * hw[1] <= NATIVE_MAX_POSITIONS and x.dtype == torch.float32:
             return self._fused(x, inp, out, hw)
+        if inp is None and out is None and self.groups == 1:
+            return self._compute(x, self.weight, self.bias, hw)
         w, b = self._gather(inp, out)
         return self._compute(x, w, b, hw)
 

@@ -9,8 +9,12 @@
 * :func:`gather_dot`: the same product for maps of a few positions (VGG's 2x2 at batch 1),
   with the vectors along the weight rows instead of the positions; each weight read serves
   every position.
-* :func:`conv_gather`: im2col with zero padding, then :func:`gather_mm` (or
-  :func:`gather_dot`, up to 4 output positions), in one call.
+* :func:`conv_gather`: the kept filters' convolution (zero padding) in one call. Up to 4
+  output positions it is :func:`gather_dot`; on larger maps a direct convolution
+  (``csrc/conv_direct.cpp``) reads each vector of output columns straight from a padded copy
+  of the input, without im2col (which writes every input value once per tap), each thread
+  padding and computing its own band of rows or group of filters; rows too short for its
+  vectors (4 columns in 16 lanes) go through im2col and :func:`gather_mm`.
 * :func:`gate_live` runs a ``pool = 1`` gate and finds its unit's live input channels in one
   call instead of ten small ops.
 * :func:`union_add`: a residual add of two compact values on the union of their channels.
@@ -40,8 +44,8 @@ from ftwt.errors import DeviceError
 log = logging.getLogger(__name__)
 
 CSRC = Path(__file__).with_name("csrc")
-SOURCES = (CSRC / "kernels.cpp", CSRC / "gather_dot.cpp")
-HEADERS = (CSRC / "simd.h", CSRC / "checks.h", CSRC / "gather_dot.h")
+SOURCES = (CSRC / "kernels.cpp", CSRC / "gather_dot.cpp", CSRC / "conv_direct.cpp")
+HEADERS = (CSRC / "simd.h", CSRC / "checks.h", CSRC / "gather_dot.h", CSRC / "conv_direct.h")
 KERNELS = ("auto", "native", "torch")
 _BUILD_VERSION = 3  # bump when the build flags change
 
@@ -203,7 +207,8 @@ def conv_gather(
 ) -> Tensor:
     """``(|O|, N*H'*W')``: the convolution (zero padding) of ``x`` ``(N, |I|, H, W)``, the live
     input channels ``in_idx``, by the kept filters ``out_idx`` of ``weight``
-    ``(C_out, C_in*kh*kw)``; im2col and :func:`gather_mm` in one call."""
+    ``(C_out, C_in*kh*kw)``, by the direct convolution, :func:`gather_dot` or im2col and
+    :func:`gather_mm` (module docstring)."""
     return torch.ops.ftwt.conv_gather(x, weight, out_idx, in_idx, kernel, stride, padding, dilation, bias)
 
 

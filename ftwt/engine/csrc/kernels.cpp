@@ -9,8 +9,9 @@
 // first copying the weight block W[O][:, I] out: each output row streams the chunks of its
 // weight row that it needs. For layers with few output positions the weight traffic is the
 // cost, and the copy that a gather + GEMM makes reads and writes that block once more.
-// Also: ftwt::conv_gather (im2col + gather_mm), ftwt::gate_live (a unit's gate and live
-// inputs) and ftwt::union_add (a residual add of two compact values), described below.
+// Also: ftwt::conv_gather (a direct convolution, conv_direct.cpp, or im2col + gather_mm),
+// ftwt::gate_live (a unit's gate and live inputs) and ftwt::union_add (a residual add of two
+// compact values), described below.
 
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -24,6 +25,7 @@
 #include <vector>
 
 #include "checks.h"
+#include "conv_direct.h"
 #include "gather_dot.h"
 #include "simd.h"
 
@@ -31,15 +33,6 @@ namespace {
 
 using namespace ftwt_simd;
 
-// Register blocking per vector ISA (simd.h): kJB filter rows times kNV vectors of positions are
-// accumulated in registers, plus kNV vectors of cols and one broadcast weight, which must fit
-// the register file or the tile spills to the stack.
-#if defined(__AVX512F__) || defined(__aarch64__)
-constexpr int kJB = 8, kNV = 2;  // 32 registers: 8 x 2 accumulators + 2 + 1
-#else
-constexpr int kJB = 6, kNV = 2;  // 16 registers: 6 x 2 accumulators + 2 + 1
-#endif
-static_assert(kJB * kNV + kNV + 1 <= kRegs, "the register tile must fit the register file");
 constexpr int kWide = kNV * kVec;  // positions of the widest tile
 
 // JB output rows times NV vectors of positions, accumulated in registers over every (input, tap).
@@ -182,9 +175,10 @@ at::Tensor gather_mm(const at::Tensor& weight, const at::Tensor& cols, const at:
   return y;
 }
 
-// ftwt::conv_gather: gather_mm on the im2col of x (N, |I|, H, W) with zero padding, built here
-// in one pass (no padded copy of x, no Python-level ops): a convolution of the kept filters O
-// over the live input channels I. Returns (|O|, N * H' * W'), positions ordered (n, y, x).
+// ftwt::conv_gather: a convolution of the kept filters O over the live input channels I of x
+// (N, |I|, H, W) with zero padding. Returns (|O|, N * H' * W'), positions ordered (n, y, x).
+// A few positions: conv_dot; rows that fit conv_direct's vectors: conv_direct; else gather_mm
+// on the im2col of x, built here in one pass (no padded copy of x, no Python-level ops).
 at::Tensor conv_gather(const at::Tensor& x_in, const at::Tensor& weight, const at::Tensor& out_idx,
                        const at::Tensor& in_idx, at::IntArrayRef kernel, at::IntArrayRef stride,
                        at::IntArrayRef padding, at::IntArrayRef dilation, const std::optional<at::Tensor>& bias) {
@@ -201,6 +195,8 @@ at::Tensor conv_gather(const at::Tensor& x_in, const at::Tensor& weight, const a
   const int64_t positions = n * oh * ow, plane = oh * ow;
   if (positions <= ftwt_dot::kMaxPositions)  // a few positions: vectors along the weight rows
     return ftwt_dot::conv_dot(x, weight, out_idx, in_idx, kh, kw, sh, sw, ph, pw, dh, dw, bias);
+  if (ftwt_direct::lanes(ow) > 0)
+    return ftwt_direct::conv_direct(x, weight, out_idx, in_idx, kh, kw, sh, sw, ph, pw, dh, dw, bias);
   at::Tensor cols = at::empty({c * kh * kw, positions}, x.options());
   const float* xp = x.data_ptr<float>();
   float* cp = cols.data_ptr<float>();

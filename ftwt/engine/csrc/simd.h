@@ -36,6 +36,16 @@ constexpr int kRegs = 16;
 #endif
 constexpr int kVec = sizeof(VF) / sizeof(float);
 
+// The register tile of the position-vector kernels (gather_mm, conv_direct): kJB filter rows
+// times kNV vectors of positions accumulate in registers, plus kNV vectors of inputs and one
+// broadcast weight, which must fit the register file or the tile spills to the stack.
+#if defined(__AVX512F__) || defined(__aarch64__)
+constexpr int kJB = 8, kNV = 2;  // 32 registers: 8 x 2 accumulators + 2 + 1
+#else
+constexpr int kJB = 6, kNV = 2;  // 16 registers: 6 x 2 accumulators + 2 + 1
+#endif
+static_assert(kJB * kNV + kNV + 1 <= kRegs, "the register tile must fit the register file");
+
 template <typename V>
 inline V load(const float* p) {
   V v;
