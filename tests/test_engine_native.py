@@ -106,8 +106,8 @@ def test_conv_gather_equals_conv2d_of_the_cut_weight(kernel, stride, padding, di
 # Maps and filter counts that reach every tiling of the direct convolution on any vector width:
 # rows split in segments with a partial last one, two short rows per vector (an odd last row
 # alone), rows too short for either (im2col), full, half and repeated filter blocks, and bands of
-# rows or groups of filters per thread; plus 512-input layers, where the weights are the larger
-# operand and their blocks go outer.
+# rows or groups of filters per thread; layers where the weights are the larger operand and
+# their blocks go outer; bands large enough that the weights are packed first.
 _DIRECT_CASES = [
     # (n, c, h, w, filters, kernel, stride, padding, dilation)
     (1, 6, 12, 40, 9, 3, 1, 1, 1),
@@ -120,6 +120,8 @@ _DIRECT_CASES = [
     (1, 9, 6, 3, 4, 3, 1, 1, 1),
     (1, 10, 4, 8, 20, 3, 1, 1, 1),
     (1, 512, 5, 14, 12, 3, 1, 1, 1),
+    (1, 20, 24, 24, 13, 3, 1, 1, 1),  # bands of 512 positions or more: weights packed first
+    (1, 16, 24, 24, 150, 3, 1, 1, 1),  # ... block by block, the weights outer
 ]
 
 

@@ -75,27 +75,36 @@ inline void store_segment(float* y, const Segment& s, const V& v) {
   }
 }
 
+// Where a tile reads its filters' weights: in place (rows[j], at the live inputs' offsets), or
+// packed by pack_block, the tile's filters side by side for each (input, tap).
+struct Weights {
+  const float* const* rows;
+  const int64_t* w_off;
+  const float* packed;  // non-null: packed (kDJB floats per (input, tap))
+};
+
 // JB filters times NV segments, accumulated in registers over every (input, tap).
-template <int JB, typename V, int NV, bool PAIR>
-inline void tile(const float* const* rows, float* const* yrows, const int64_t* __restrict w_off, int64_t n_in,
-                 const int64_t* __restrict tap_off, int64_t taps, const float* __restrict xpad, int64_t plane,
-                 const Segment* seg, const float* bias) {
+template <int JB, typename V, int NV, bool PAIR, bool PACKED>
+inline void tile(const Weights& wt, float* const* yrows, int64_t n_in, const int64_t* __restrict tap_off, int64_t taps,
+                 const float* __restrict xpad, int64_t plane, const Segment* seg, const float* bias) {
   V acc[JB][NV];
   for (int j = 0; j < JB; ++j)
     for (int v = 0; v < NV; ++v) acc[j][v] = V{} + bias[j];
   Segment sg[NV];
   for (int v = 0; v < NV; ++v) sg[v] = seg[v];
+  const float* __restrict wp = wt.packed;
   for (int64_t a = 0; a < n_in; ++a) {
-    const int64_t off = w_off[a];
+    const int64_t off = PACKED ? 0 : wt.w_off[a];
     const float* xa = xpad + a * plane;
     for (int64_t t = 0; t < taps; ++t) {
       const float* xt = xa + tap_off[t];
       V cv[NV];
       for (int v = 0; v < NV; ++v) cv[v] = load_segment<V, PAIR>(xt, sg[v]);
       for (int j = 0; j < JB; ++j) {
-        const float w = rows[j][off + t];
+        const float w = PACKED ? wp[j] : wt.rows[j][off + t];
         for (int v = 0; v < NV; ++v) acc[j][v] += w * cv[v];
       }
+      if constexpr (PACKED) wp += kDJB;
     }
   }
   for (int j = 0; j < JB; ++j)
@@ -174,20 +183,37 @@ struct Filters {
   const std::vector<int64_t>& tap_off;
 };
 
-template <int JB, int NV, bool PAIR>
-void tile_n(const float* const* rows, float* const* yrows, const Filters& f, int64_t n_in, const float* xpad,
-            int64_t plane, const Segment* sg, int ns, const float* bj) {
+template <int JB, int NV, bool PAIR, bool PACKED>
+void tile_n(const Weights& wt, float* const* yrows, const Filters& f, int64_t n_in, const float* xpad, int64_t plane,
+            const Segment* sg, int ns, const float* bj) {
   const int64_t taps = static_cast<int64_t>(f.tap_off.size());
   if constexpr (NV > 1) {
-    if (ns < NV) return tile_n<JB, NV - 1, PAIR>(rows, yrows, f, n_in, xpad, plane, sg, ns, bj);
+    if (ns < NV) return tile_n<JB, NV - 1, PAIR, PACKED>(wt, yrows, f, n_in, xpad, plane, sg, ns, bj);
   }
-  tile<JB, VF, NV, PAIR>(rows, yrows, f.w_off.data(), n_in, f.tap_off.data(), taps, xpad, plane, sg, bj);
+  tile<JB, VF, NV, PAIR, PACKED>(wt, yrows, n_in, f.tap_off.data(), taps, xpad, plane, sg, bj);
 }
+
+// The weights of filters rows[0..kDJB) at the live inputs, (input, tap) major, the filters side by side.
+void pack_block(const float* const* rows, const std::vector<int64_t>& w_off, int64_t taps, float* dst) {
+  const int64_t n_in = static_cast<int64_t>(w_off.size());
+  for (int j = 0; j < kDJB; ++j)
+    for (int64_t a = 0; a < n_in; ++a) {
+      const float* src = rows[j] + w_off[a];
+      float* d = dst + a * taps * kDJB + j;
+      for (int64_t t = 0; t < taps; ++t) d[t * kDJB] = src[t];
+    }
+}
+
+// Output positions per band from which a block's weights are packed first: the inner loop then
+// reads one pointer in order instead of a row pointer per filter (fewer address registers, a
+// stream the prefetcher follows), and each weight serves enough positions that the copy is
+// small beside the multiply-adds. On fewer positions the copy costs more than it saves.
+constexpr int64_t kPackPositions = 512;
 
 // Filter blocks [jb0, jb1) on every segment of one band.
 template <bool PAIR>
 void band_filters(const Filters& f, int64_t n_in, const float* xpad, int64_t plane, const std::vector<Segment>& segs,
-                  int64_t jb0, int64_t jb1, float* yp, int64_t positions) {
+                  int64_t jb0, int64_t jb1, float* yp, int64_t positions, int64_t band_positions) {
   const float* rows[kDJB];
   float* yrows[kDJB];
   float bj[kDJB];
@@ -197,6 +223,10 @@ void band_filters(const Filters& f, int64_t n_in, const float* xpad, int64_t pla
   // segment tiles outer when the weight rows fit (ResNet-56, VGG), filter blocks outer when the
   // weights are the larger (ResNet-18's last stages: megabytes, read once from memory).
   const bool weights_outer = f.n_out * n_in * taps > n_in * plane;
+  const bool pack = band_positions >= kPackPositions;
+  static thread_local std::vector<float> packed;
+  if (pack) packed.resize((weights_outer ? 1 : blocks) * n_in * taps * kDJB);
+  int64_t packed_jb = -1;
   for (int64_t item = 0; item < seg_tiles * blocks; ++item) {
     const int64_t st = weights_outer ? item % seg_tiles : item / blocks;
     const int64_t jb = jb0 + (weights_outer ? item / seg_tiles : item % blocks);
@@ -210,10 +240,25 @@ void band_filters(const Filters& f, int64_t n_in, const float* xpad, int64_t pla
       yrows[j] = yp + jj * positions;
       bj[j] = f.bias ? f.bias[f.o[jj]] : 0.f;
     }
-    if (nj <= kDJB / 2)
-      tile_n<kDJB / 2, kDNV, PAIR>(rows, yrows, f, n_in, xpad, plane, segs.data() + s0, ns, bj);
-    else
-      tile_n<kDJB, kDNV, PAIR>(rows, yrows, f, n_in, xpad, plane, segs.data() + s0, ns, bj);
+    Weights wt{rows, f.w_off.data(), nullptr};
+    if (pack) {
+      float* dst = packed.data() + (weights_outer ? 0 : (jb - jb0) * n_in * taps * kDJB);
+      if (weights_outer ? jb != packed_jb : st == 0) pack_block(rows, f.w_off, taps, dst);
+      packed_jb = jb;
+      wt.packed = dst;
+    }
+    const Segment* sg = segs.data() + s0;
+    if (pack) {
+      if (nj <= kDJB / 2)
+        tile_n<kDJB / 2, kDNV, PAIR, true>(wt, yrows, f, n_in, xpad, plane, sg, ns, bj);
+      else
+        tile_n<kDJB, kDNV, PAIR, true>(wt, yrows, f, n_in, xpad, plane, sg, ns, bj);
+    } else {
+      if (nj <= kDJB / 2)
+        tile_n<kDJB / 2, kDNV, PAIR, false>(wt, yrows, f, n_in, xpad, plane, sg, ns, bj);
+      else
+        tile_n<kDJB, kDNV, PAIR, false>(wt, yrows, f, n_in, xpad, plane, sg, ns, bj);
+    }
   }
 }
 
@@ -252,7 +297,7 @@ at::Tensor run(const at::Tensor& x, const Geometry& g, const Filters& f) {
       if (jb0 >= jb1) continue;
       const int64_t plane = pad_band(xp + b * g.c * g.h * g.w, g, y0, y1, buf, capacity);
       band_segments<PAIR>(g, b, y0, y1, segs);
-      band_filters<PAIR>(f, g.c, buf.get(), plane, segs, jb0, jb1, yp, positions);
+      band_filters<PAIR>(f, g.c, buf.get(), plane, segs, jb0, jb1, yp, positions, (y1 - y0) * g.ow);
     }
   });
   return out;

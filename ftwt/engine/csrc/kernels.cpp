@@ -26,6 +26,7 @@
 
 #include "checks.h"
 #include "conv_direct.h"
+#include <cstdlib>
 #include "gather_dot.h"
 #include "simd.h"
 
@@ -195,7 +196,7 @@ at::Tensor conv_gather(const at::Tensor& x_in, const at::Tensor& weight, const a
   const int64_t positions = n * oh * ow, plane = oh * ow;
   if (positions <= ftwt_dot::kMaxPositions)  // a few positions: vectors along the weight rows
     return ftwt_dot::conv_dot(x, weight, out_idx, in_idx, kh, kw, sh, sw, ph, pw, dh, dw, bias);
-  if (ftwt_direct::lanes(ow) > 0)
+  if (ftwt_direct::lanes(ow) > 0 && !std::getenv("FTWT_NO_DIRECT"))
     return ftwt_direct::conv_direct(x, weight, out_idx, in_idx, kh, kw, sh, sw, ph, pw, dh, dw, bias);
   at::Tensor cols = at::empty({c * kh * kw, positions}, x.options());
   const float* xp = x.data_ptr<float>();
