@@ -173,14 +173,16 @@ def test_union_add_equals_adding_the_full_tensors(a_idx, b_idx):
 
 
 @pytest.mark.parametrize("softmax", [False, True])
-def test_gate_live_equals_pool_linear_and_liveness(softmax):
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_gate_live_equals_pool_linear_and_liveness(softmax, layout):
     _native_or_skip()
     g = torch.Generator().manual_seed(1)
     data = torch.rand(1, 5, 3, 4, generator=g)
     data[:, [1, 3]] = 0  # two dead channels
     idx = torch.tensor([0, 2, 3, 6, 7])
     w, b = torch.randn(9, 8, generator=g), torch.randn(9, generator=g)
-    logits, kept, live = _native.gate_live(data, idx, 8, w, b, softmax, 0.5)
+    # Channels-last (oneDNN's output) is read in place, not copied.
+    logits, kept, live = _native.gate_live(data.contiguous(memory_format=layout), idx, 8, w, b, softmax, 0.5)
     pooled = torch.zeros(1, 8)
     pooled[0, idx] = data.mean((2, 3))[0]
     z = pooled.softmax(1) if softmax else pooled

@@ -278,27 +278,41 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gate_live(const at::Tensor& data_
   TORCH_CHECK(idx.scalar_type() == at::kLong && idx.dim() == 1 && idx.size(0) == data_in.size(1),
               "gate_live: int64 idx of k channels");
   TORCH_CHECK(gate_w.dim() == 2 && gate_w.size(1) == c_in, "gate_live: gate weight must be (C_out, c_in)");
-  const at::Tensor data = data_in.contiguous();
+  // Channels-last input (from oneDNN's convolutions) is read in place: a copy to NCHW would
+  // cost more than the gate.
+  const bool channels_last = !data_in.is_contiguous() && data_in.is_contiguous(at::MemoryFormat::ChannelsLast);
+  const at::Tensor data = channels_last ? data_in : data_in.contiguous();
   const at::Tensor ids = idx.contiguous();
   const int64_t k = data.size(1), area = data.size(2) * data.size(3);
   const float* d = data.data_ptr<float>();
   const int64_t* id = ids.data_ptr<int64_t>();
+  std::vector<float> sums(k, 0.f);
+  if (channels_last) {
+    for (int64_t p = 0; p < area; ++p) {
+      const float* row = d + p * k;
+      for (int64_t a = 0; a < k; ++a) sums[a] += row[a];
+    }
+  } else {
+    for (int64_t a = 0; a < k; ++a) {
+      const float* ch = d + a * area;
+      v8 acc{};
+      int64_t i = 0;
+      for (; i + 8 <= area; i += 8) acc += load<v8>(ch + i);
+      float sum = 0.f;
+      for (int q = 0; q < 8; ++q) sum += acc[q];
+      for (; i < area; ++i) sum += ch[i];
+      sums[a] = sum;
+    }
+  }
   at::Tensor pooled = at::zeros({1, c_in}, data.options());
   float* z = pooled.data_ptr<float>();
   std::vector<int64_t> live;
   live.reserve(k);
   for (int64_t a = 0; a < k; ++a) {
     TORCH_CHECK(id[a] >= 0 && id[a] < c_in, "gate_live: channel index out of range");
-    const float* ch = d + a * area;
-    v8 acc{};
-    int64_t i = 0;
-    for (; i + 8 <= area; i += 8) acc += load<v8>(ch + i);
-    float sum = 0.f;
-    for (int q = 0; q < 8; ++q) sum += acc[q];
-    for (; i < area; ++i) sum += ch[i];
-    z[id[a]] = sum / static_cast<float>(area);  // the mean that adaptive_avg_pool2d gives the gate
+    z[id[a]] = sums[a] / static_cast<float>(area);  // the mean that adaptive_avg_pool2d gives the gate
     // For values >= 0 the sum is 0 exactly when every value is; NaN != 0, so a NaN channel stays.
-    if (sum != 0.0f) live.push_back(a);
+    if (sums[a] != 0.0f) live.push_back(a);
   }
   if (softmax) pooled = pooled.softmax(1);
   const at::Tensor logits = gemv(gate_w.contiguous(), pooled, gate_b);
