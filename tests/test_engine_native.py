@@ -125,9 +125,10 @@ _DIRECT_CASES = [
 ]
 
 
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("case", _DIRECT_CASES)
-def test_conv_gather_direct_tilings_equal_conv2d(case, threads):
+def test_conv_gather_direct_tilings_equal_conv2d(case, threads, layout):
     _native_or_skip()
     n, c, h, w, filters, k, s, p, d = case
     g = torch.Generator().manual_seed(h * w + filters)
@@ -135,7 +136,7 @@ def test_conv_gather_direct_tilings_equal_conv2d(case, threads):
     bias = torch.randn(filters + 3, generator=g)
     outs = torch.randperm(filters + 3, generator=g)[:filters].sort().values
     ins = torch.randperm(c + 2, generator=g)[:c].sort().values
-    x = torch.randn(n, c, h, w, generator=g)
+    x = torch.randn(n, c, h, w, generator=g).contiguous(memory_format=layout)  # channels-last: read in place
     ref = F.conv2d(x, weight[outs][:, ins], bias[outs], s, p, d)
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)

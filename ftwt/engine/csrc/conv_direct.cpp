@@ -114,6 +114,7 @@ inline void tile(const Weights& wt, float* const* yrows, int64_t n_in, const int
 struct Geometry {
   int64_t n, c, h, w, oh, ow, sh, sw, ph, pw, kh, dh;
   int64_t pcols, row;  // padded columns per phase, floats per padded row
+  bool channels_last;  // x in (N, H, W, C) order
 };
 
 // The padded rows that output rows [y0, y1) of one image read, for every channel (phase-split
@@ -127,6 +128,20 @@ int64_t pad_band(const float* x, const Geometry& g, int64_t y0, int64_t y1, std:
   }
   float* bp = buf.get();
   std::fill(bp + g.c * plane, bp + g.c * plane + kVec, 0.f);
+  if (g.channels_last) {
+    // (H, W, C) input, as oneDNN's convolutions leave it: read each position's channels in order
+    // and scatter them to the channels' padded rows (a copy to NCHW first would be one more pass).
+    std::fill(bp, bp + g.c * plane, 0.f);
+    for (int64_t r = std::max<int64_t>(r0, g.ph); r < std::min<int64_t>(r0 + rows, g.h + g.ph); ++r) {
+      float* dst = bp + (r - r0) * g.row;
+      const float* src = x + (r - g.ph) * g.w * g.c;
+      for (int64_t ix = 0; ix < g.w; ++ix, src += g.c) {
+        const int64_t col = ix + g.pw, off = (col % g.sw) * g.pcols + col / g.sw;
+        for (int64_t a = 0; a < g.c; ++a) dst[a * plane + off] = src[a];
+      }
+    }
+    return plane;
+  }
   for (int64_t a = 0; a < g.c; ++a) {
     const float* src = x + a * g.h * g.w;
     float* dst = bp + a * plane;
@@ -318,12 +333,14 @@ at::Tensor conv_direct(const at::Tensor& x, const at::Tensor& weight, const at::
                        const at::Tensor& in_idx, int64_t kh, int64_t kw, int64_t sh, int64_t sw, int64_t ph,
                        int64_t pw, int64_t dh, int64_t dw, const std::optional<at::Tensor>& bias) {
   ftwt_checks::operands("conv_direct", weight, weight, out_idx, in_idx);
-  TORCH_CHECK(x.dim() == 4 && x.scalar_type() == at::kFloat && x.is_contiguous(), "conv_direct: contiguous float32 NCHW x");
+  TORCH_CHECK(x.dim() == 4 && x.scalar_type() == at::kFloat, "conv_direct: float32 (N, C, H, W) x");
+  const bool channels_last = !x.is_contiguous() && x.is_contiguous(at::MemoryFormat::ChannelsLast);
+  TORCH_CHECK(channels_last || x.is_contiguous(), "conv_direct: x must be contiguous, NCHW or channels-last");
   const int64_t taps = kh * kw, n_out = out_idx.size(0), row_len = weight.size(1);
   Geometry g{};
   g.n = x.size(0), g.c = x.size(1), g.h = x.size(2), g.w = x.size(3);
   g.oh = (g.h + 2 * ph - dh * (kh - 1) - 1) / sh + 1, g.ow = (g.w + 2 * pw - dw * (kw - 1) - 1) / sw + 1;
-  g.sh = sh, g.sw = sw, g.ph = ph, g.pw = pw, g.kh = kh, g.dh = dh;
+  g.sh = sh, g.sw = sw, g.ph = ph, g.pw = pw, g.kh = kh, g.dh = dh, g.channels_last = channels_last;
   g.pcols = (g.w + 2 * pw + sw - 1) / sw;
   g.row = g.pcols * sw;
   const at::Tensor ins = in_idx.contiguous(), outs = out_idx.contiguous();

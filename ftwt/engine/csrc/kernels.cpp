@@ -26,7 +26,6 @@
 
 #include "checks.h"
 #include "conv_direct.h"
-#include <cstdlib>
 #include "gather_dot.h"
 #include "simd.h"
 
@@ -187,17 +186,19 @@ at::Tensor conv_gather(const at::Tensor& x_in, const at::Tensor& weight, const a
   TORCH_CHECK(kernel.size() == 2 && stride.size() == 2 && padding.size() == 2 && dilation.size() == 2,
               "conv_gather: 2-D kernel, stride, padding and dilation");
   TORCH_CHECK(x_in.size(1) == in_idx.size(0), "conv_gather: x must hold the |I| live input channels");
-  const at::Tensor x = x_in.contiguous();
-  const int64_t n = x.size(0), c = x.size(1), h = x.size(2), wd = x.size(3);
+  const int64_t n = x_in.size(0), c = x_in.size(1), h = x_in.size(2), wd = x_in.size(3);
   const int64_t kh = kernel[0], kw = kernel[1], sh = stride[0], sw = stride[1];
   const int64_t ph = padding[0], pw = padding[1], dh = dilation[0], dw = dilation[1];
   const int64_t oh = (h + 2 * ph - dh * (kh - 1) - 1) / sh + 1, ow = (wd + 2 * pw - dw * (kw - 1) - 1) / sw + 1;
   TORCH_CHECK(oh > 0 && ow > 0, "conv_gather: the kernel does not fit the input");
   const int64_t positions = n * oh * ow, plane = oh * ow;
+  // conv_direct reads channels-last input in place; the other paths want NCHW.
+  if (positions > ftwt_dot::kMaxPositions && ftwt_direct::lanes(ow) > 0 &&
+      (x_in.is_contiguous() || x_in.is_contiguous(at::MemoryFormat::ChannelsLast)))
+    return ftwt_direct::conv_direct(x_in, weight, out_idx, in_idx, kh, kw, sh, sw, ph, pw, dh, dw, bias);
+  const at::Tensor x = x_in.contiguous();
   if (positions <= ftwt_dot::kMaxPositions)  // a few positions: vectors along the weight rows
     return ftwt_dot::conv_dot(x, weight, out_idx, in_idx, kh, kw, sh, sw, ph, pw, dh, dw, bias);
-  if (ftwt_direct::lanes(ow) > 0 && !std::getenv("FTWT_NO_DIRECT"))
-    return ftwt_direct::conv_direct(x, weight, out_idx, in_idx, kh, kw, sh, sw, ph, pw, dh, dw, bias);
   at::Tensor cols = at::empty({c * kh * kw, positions}, x.options());
   const float* xp = x.data_ptr<float>();
   float* cp = cols.data_ptr<float>();
