@@ -107,7 +107,8 @@ def test_conv_gather_equals_conv2d_of_the_cut_weight(kernel, stride, padding, di
 # rows split in segments with a partial last one, two short rows per vector (an odd last row
 # alone), rows too short for either (im2col), full, half and repeated filter blocks, and bands of
 # rows or groups of filters per thread; layers where the weights are the larger operand and
-# their blocks go outer; bands large enough that the weights are packed first.
+# their blocks go outer; bands large enough that the weights are packed first; 3x3 kernels at
+# stride 1 and 2, whose taps are unrolled, next to other kernels, strides and dilations.
 _DIRECT_CASES = [
     # (n, c, h, w, filters, kernel, stride, padding, dilation)
     (1, 6, 12, 40, 9, 3, 1, 1, 1),
@@ -122,6 +123,9 @@ _DIRECT_CASES = [
     (1, 512, 5, 14, 12, 3, 1, 1, 1),
     (1, 20, 24, 24, 13, 3, 1, 1, 1),  # bands of 512 positions or more: weights packed first
     (1, 16, 24, 24, 150, 3, 1, 1, 1),  # ... block by block, the weights outer
+    (1, 6, 64, 32, 10, 3, 2, 1, 1),  # 3x3 at stride 2 (its taps unrolled), packed on one thread
+    (1, 5, 16, 8, 7, 3, 2, 1, 1),  # ... two short rows per vector where the lanes allow
+    (1, 3, 9, 11, 5, 3, 2, 0, 1),  # ... no padding, an odd width: the phases differ in length
 ]
 
 

@@ -83,28 +83,40 @@ struct Weights {
   const float* packed;  // non-null: packed (kDJB floats per (input, tap))
 };
 
-// JB filters times NV segments, accumulated in registers over every (input, tap).
-template <int JB, typename V, int NV, bool PAIR, bool PACKED>
+// JB filters times NV segments, accumulated in registers over every (input, tap). K3: a 3x3
+// kernel at stride and dilation 1, its taps unrolled at offsets fixed but for the row length,
+// so that each load and weight read is one instruction with no offset looked up.
+template <int JB, typename V, int NV, bool PAIR, bool PACKED, int K3>
 inline void tile(const Weights& wt, float* const* yrows, int64_t n_in, const int64_t* __restrict tap_off, int64_t taps,
-                 const float* __restrict xpad, int64_t plane, const Segment* seg, const float* bias) {
+                 int64_t row, int64_t pcols, const float* __restrict xpad, int64_t plane, const Segment* seg, const float* bias) {
   V acc[JB][NV];
   for (int j = 0; j < JB; ++j)
     for (int v = 0; v < NV; ++v) acc[j][v] = V{} + bias[j];
   Segment sg[NV];
   for (int v = 0; v < NV; ++v) sg[v] = seg[v];
   const float* __restrict wp = wt.packed;
+  const auto step = [&](const float* xt, int64_t off, int64_t t) {
+    V cv[NV];
+    for (int v = 0; v < NV; ++v) cv[v] = load_segment<V, PAIR>(xt, sg[v]);
+    for (int j = 0; j < JB; ++j) {
+      const float w = PACKED ? wp[t * kDJB + j] : wt.rows[j][off + t];
+      for (int v = 0; v < NV; ++v) acc[j][v] += w * cv[v];
+    }
+  };
   for (int64_t a = 0; a < n_in; ++a) {
     const int64_t off = PACKED ? 0 : wt.w_off[a];
     const float* xa = xpad + a * plane;
-    for (int64_t t = 0; t < taps; ++t) {
-      const float* xt = xa + tap_off[t];
-      V cv[NV];
-      for (int v = 0; v < NV; ++v) cv[v] = load_segment<V, PAIR>(xt, sg[v]);
-      for (int j = 0; j < JB; ++j) {
-        const float w = PACKED ? wp[j] : wt.rows[j][off + t];
-        for (int v = 0; v < NV; ++v) acc[j][v] += w * cv[v];
+    if constexpr (K3) {
+#pragma GCC unroll 9
+      for (int t = 0; t < 9; ++t) {
+        // stride 2: columns split by phase, tap column k at phase k % 2, index k / 2
+        const int64_t col = K3 == 1 ? t % 3 : (t % 3 == 1 ? pcols : (t % 3) / 2);
+        step(xa + (t / 3) * row + col, off, t);
       }
-      if constexpr (PACKED) wp += kDJB;
+      if constexpr (PACKED) wp += 9 * kDJB;
+    } else {
+      for (int64_t t = 0; t < taps; ++t) step(xa + tap_off[t], off, t);
+      if constexpr (PACKED) wp += taps * kDJB;
     }
   }
   for (int j = 0; j < JB; ++j)
@@ -158,11 +170,20 @@ int64_t pad_band(const float* x, const Geometry& g, int64_t y0, int64_t y1, std:
         std::fill(dst + g.pw + g.w, dst + g.row, 0.f);
         continue;
       }
-      for (int64_t p = 0; p < g.sw; ++p)
-        for (int64_t k = 0; k < g.pcols; ++k) {
-          const int64_t ix = k * g.sw + p - g.pw;
-          dst[p * g.pcols + k] = ix >= 0 && ix < g.w ? s[ix] : 0.f;
-        }
+      for (int64_t p = 0; p < g.sw; ++p) {
+        // Phase p holds columns k * sw + p - pw; those inside the row in one loop without
+        // branches (vectorized for stride 2), zeros on either side.
+        float* d = dst + p * g.pcols;
+        const int64_t k0 = std::min(g.pcols, std::max<int64_t>(0, (g.pw - p + g.sw - 1) / g.sw));
+        const int64_t k1 = std::max(k0, std::min(g.pcols, (g.w - 1 + g.pw - p) / g.sw + 1));
+        std::fill(d, d + k0, 0.f);
+        std::fill(d + k1, d + g.pcols, 0.f);
+        const float* sp = s + k0 * g.sw + p - g.pw;
+        if (g.sw == 2)
+          for (int64_t k = 0; k < k1 - k0; ++k) d[k0 + k] = sp[2 * k];
+        else
+          for (int64_t k = 0; k < k1 - k0; ++k) d[k0 + k] = sp[k * g.sw];
+      }
     }
   }
   return plane;
@@ -196,6 +217,8 @@ struct Filters {
   const float* bias;
   const std::vector<int64_t>& w_off;
   const std::vector<int64_t>& tap_off;
+  int64_t row, pcols;  // floats per padded row, columns per phase
+  int k3;              // 3x3 kernel, dilation 1, at this stride (1 or 2); else 0
 };
 
 template <int JB, int NV, bool PAIR, bool PACKED>
@@ -205,7 +228,13 @@ void tile_n(const Weights& wt, float* const* yrows, const Filters& f, int64_t n_
   if constexpr (NV > 1) {
     if (ns < NV) return tile_n<JB, NV - 1, PAIR, PACKED>(wt, yrows, f, n_in, xpad, plane, sg, ns, bj);
   }
-  tile<JB, VF, NV, PAIR, PACKED>(wt, yrows, n_in, f.tap_off.data(), taps, xpad, plane, sg, bj);
+  const int64_t* to = f.tap_off.data();
+  if (f.k3 == 1)
+    tile<JB, VF, NV, PAIR, PACKED, 1>(wt, yrows, n_in, to, taps, f.row, f.pcols, xpad, plane, sg, bj);
+  else if (f.k3 == 2)
+    tile<JB, VF, NV, PAIR, PACKED, 2>(wt, yrows, n_in, to, taps, f.row, f.pcols, xpad, plane, sg, bj);
+  else
+    tile<JB, VF, NV, PAIR, PACKED, 0>(wt, yrows, n_in, to, taps, f.row, f.pcols, xpad, plane, sg, bj);
 }
 
 // The weights of filters rows[0..kDJB) at the live inputs, (input, tap) major, the filters side by side.
@@ -357,8 +386,9 @@ at::Tensor conv_direct(const at::Tensor& x, const at::Tensor& weight, const at::
   for (int64_t i = 0; i < kh; ++i)
     for (int64_t k = 0; k < kw; ++k) tap_off[i * kw + k] = i * dh * g.row + ((k * dw) % sw) * g.pcols + (k * dw) / sw;
   if (n_out == 0 || g.n * g.oh * g.ow == 0) return at::empty({n_out, g.n * g.oh * g.ow}, x.options());
+  const int k3 = kh == 3 && kw == 3 && sh == sw && (sw == 1 || sw == 2) && dh == 1 && dw == 1 ? static_cast<int>(sw) : 0;
   const Filters f{weight.data_ptr<float>(), row_len, o, n_out, b.defined() ? b.data_ptr<float>() : nullptr, w_off,
-                  tap_off};
+                  tap_off, g.row, g.pcols, k3};
   return lanes(g.ow) == kVec ? run<false>(x, g, f) : run<true>(x, g, f);
 }
 
