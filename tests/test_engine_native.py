@@ -126,6 +126,8 @@ _DIRECT_CASES = [
     (1, 6, 64, 32, 10, 3, 2, 1, 1),  # 3x3 at stride 2 (its taps unrolled), packed on one thread
     (1, 5, 16, 8, 7, 3, 2, 1, 1),  # ... two short rows per vector where the lanes allow
     (1, 3, 9, 11, 5, 3, 2, 0, 1),  # ... no padding, an odd width: the phases differ in length
+    (1, 6, 32, 32, 11, 1, 2, 0, 1),  # a strided 1x1 kernel: subsampled, then at stride 1
+    (2, 7, 13, 18, 9, 1, 2, 0, 1),  # ... odd height, rows too short for the vectors
 ]
 
 

@@ -14,7 +14,8 @@
   (``csrc/conv_direct.cpp``) reads each vector of output columns straight from a padded copy
   of the input, without im2col (which writes every input value once per tap), each thread
   padding and computing its own band of rows or group of filters; rows too short for its
-  vectors (4 columns in 16 lanes) go through im2col and :func:`gather_mm`.
+  vectors (4 columns in 16 lanes) go through im2col and :func:`gather_mm`. A strided 1x1 kernel
+  takes the rows and columns it reads first and runs at stride 1.
 * :func:`gate_live` runs a ``pool = 1`` gate and finds its unit's live input channels in one
   call instead of ten small ops.
 * :func:`union_add`: a residual add of two compact values on the union of their channels.

@@ -179,6 +179,7 @@ at::Tensor gather_mm(const at::Tensor& weight, const at::Tensor& cols, const at:
 // (N, |I|, H, W) with zero padding. Returns (|O|, N * H' * W'), positions ordered (n, y, x).
 // A few positions: conv_dot; rows that fit conv_direct's vectors: conv_direct; else gather_mm
 // on the im2col of x, built here in one pass (no padded copy of x, no Python-level ops).
+// A strided 1x1 kernel first takes the rows and columns it reads and runs at stride 1.
 at::Tensor conv_gather(const at::Tensor& x_in, const at::Tensor& weight, const at::Tensor& out_idx,
                        const at::Tensor& in_idx, at::IntArrayRef kernel, at::IntArrayRef stride,
                        at::IntArrayRef padding, at::IntArrayRef dilation, const std::optional<at::Tensor>& bias) {
@@ -191,6 +192,16 @@ at::Tensor conv_gather(const at::Tensor& x_in, const at::Tensor& weight, const a
   const int64_t ph = padding[0], pw = padding[1], dh = dilation[0], dw = dilation[1];
   const int64_t oh = (h + 2 * ph - dh * (kh - 1) - 1) / sh + 1, ow = (wd + 2 * pw - dw * (kw - 1) - 1) / sw + 1;
   TORCH_CHECK(oh > 0 && ow > 0, "conv_gather: the kernel does not fit the input");
+  if (kh == 1 && kw == 1 && ph == 0 && pw == 0 && (sh > 1 || sw > 1)) {
+    // A strided 1x1 kernel reads every sh-th row and sw-th column only: take those first (a
+    // quarter of the input at stride 2) and run it at stride 1, instead of padding every row
+    // and column phase of the input for the strided direct convolution.
+    const bool cl = !x_in.is_contiguous() && x_in.is_contiguous(at::MemoryFormat::ChannelsLast);
+    const at::Tensor sub = x_in.slice(2, 0, h, sh).slice(3, 0, wd, sw).contiguous(
+        cl ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous);
+    const int64_t one[2] = {1, 1};
+    return conv_gather(sub, weight, out_idx, in_idx, kernel, one, padding, dilation, bias);
+  }
   const int64_t positions = n * oh * ow, plane = oh * ow;
   // conv_direct reads channels-last input in place; the other paths want NCHW.
   if (positions > ftwt_dot::kMaxPositions && ftwt_direct::lanes(ow) > 0 &&
