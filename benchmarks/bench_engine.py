@@ -69,8 +69,10 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="trained dense weights for a model (repeatable); default: untrained weights")
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--samples", type=int, default=None, help="digits samples to cycle over (default 16, quick 4)")
-    p.add_argument("--min-run-time", type=float, default=None, help="seconds per timing (default 0.5, quick 0.05)")
-    p.add_argument("--rounds", type=int, default=3,
+    p.add_argument("--min-run-time", type=float, default=None, help="seconds per timing (default 1.0, quick 0.05)")
+    # Ten turns: on a shared VM slow spells last seconds, and with three a spell could fall on one
+    # variant's turn only; finer turns let it hit every variant of a row alike.
+    p.add_argument("--rounds", type=int, default=10,
                    help="turns each variant takes while timing (more: steadier ratios on a noisy machine)")
     p.add_argument("--round-to", type=int, default=1, help="engine: round active channel counts to a multiple")
     p.add_argument("--kernel", default="auto", choices=("auto", "native", "torch"), help="engine kernels")
@@ -134,7 +136,7 @@ def main(args: argparse.Namespace) -> int:
     thresholds = _floats(args.thresholds or (QUICK_THRESHOLDS if args.quick else DEFAULT_THRESHOLDS))
     threads = [int(t) for t in _floats(args.threads or (QUICK_THREADS if args.quick else DEFAULT_THREADS))]
     samples = args.samples or (4 if args.quick else 16)
-    min_run_time = args.min_run_time or (0.05 if args.quick else 0.5)
+    min_run_time = args.min_run_time or (0.05 if args.quick else 1.0)
     inits = dict(item.split("=", 1) for item in args.init)
 
     rows = []
