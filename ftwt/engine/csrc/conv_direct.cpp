@@ -389,7 +389,9 @@ at::Tensor conv_direct(const at::Tensor& x, const at::Tensor& weight, const at::
   const int k3 = kh == 3 && kw == 3 && sh == sw && (sw == 1 || sw == 2) && dh == 1 && dw == 1 ? static_cast<int>(sw) : 0;
   const Filters f{weight.data_ptr<float>(), row_len, o, n_out, b.defined() ? b.data_ptr<float>() : nullptr, w_off,
                   tap_off, g.row, g.pcols, k3};
-  return lanes(g.ow) == kVec ? run<false>(x, g, f) : run<true>(x, g, f);
+  const int l = lanes(g.ow);
+  TORCH_CHECK(l > 0, "conv_direct: rows of ", g.ow, " output columns fit no vector layout (conv_gather runs them by im2col)");
+  return l == kVec ? run<false>(x, g, f) : run<true>(x, g, f);
 }
 
 }  // namespace ftwt_direct
