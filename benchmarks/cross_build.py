@@ -47,18 +47,23 @@ def main() -> int:
     if omp is None:
         print("cross_build: no omp.h from a host GCC found under /usr/lib/gcc", file=sys.stderr)
         return 2
+    with tempfile.TemporaryDirectory(prefix="ftwt-cross-") as tmp:
+        return _compile_all(Path(tmp), omp, args.target, args.march)
+
+
+def _compile_all(tmp: Path, omp: str, target: str, march: str | None) -> int:
+    """Compile every source into ``tmp``; 0 when all compiled, else 1."""
     # omp.h alone on the include path: the host GCC's other headers are x86-specific.
-    tmp = Path(tempfile.mkdtemp(prefix="ftwt-cross-"))
     (tmp / "omp").mkdir()
     (tmp / "omp" / "omp.h").write_bytes((Path(omp) / "omp.h").read_bytes())
     includes = [str(tmp / "omp"), *include_paths(), sysconfig.get_paths()["include"]]
-    flags = ["-std=c++20", "-O3", "-fopenmp", "-fPIC", *(["-march=" + args.march] if args.march else [])]
+    flags = ["-std=c++20", "-O3", "-fopenmp", "-fPIC", *(["-march=" + march] if march else [])]
     failed = 0
     for src in SOURCES:
-        cmd = [sys.executable, "-m", "ziglang", "c++", "-target", args.target, *flags,
+        cmd = [sys.executable, "-m", "ziglang", "c++", "-target", target, *flags,
                *(f"-isystem{d}" for d in includes), "-c", str(src), "-o", str(tmp / (src.stem + ".o"))]
         res = subprocess.run(cmd, capture_output=True, text=True)
-        print(f"{src.name}: {'compiled' if res.returncode == 0 else 'FAILED'} for {args.target}")
+        print(f"{src.name}: {'compiled' if res.returncode == 0 else 'FAILED'} for {target}")
         if res.returncode != 0:
             failed += 1
             print(res.stderr[-4000:], file=sys.stderr)

@@ -83,9 +83,10 @@ struct Weights {
   const float* packed;  // non-null: packed (kDJB floats per (input, tap))
 };
 
-// JB filters times NV segments, accumulated in registers over every (input, tap). K3: a 3x3
-// kernel at stride and dilation 1, its taps unrolled at offsets fixed but for the row length,
-// so that each load and weight read is one instruction with no offset looked up.
+// JB filters times NV segments, accumulated in registers over every (input, tap). K3 = 1 or 2:
+// a 3x3 kernel at that stride and dilation 1, its taps unrolled at offsets fixed but for the
+// row length and phase width, so that each load and weight read is one instruction with no
+// offset looked up; K3 = 0: any kernel, offsets from tap_off.
 template <int JB, typename V, int NV, bool PAIR, bool PACKED, int K3>
 inline void tile(const Weights& wt, float* const* yrows, int64_t n_in, const int64_t* __restrict tap_off, int64_t taps,
                  int64_t row, int64_t pcols, const float* __restrict xpad, int64_t plane, const Segment* seg, const float* bias) {
